@@ -40,6 +40,7 @@ __all__ = [
     "ROUTER_ORDERS",
     "SCORE_FUNCS",
     "Experts",
+    "GroupedLinear",
     "MoE",
     "MoEAuxLossAutoScaler",
     "MoEConfig",
@@ -179,11 +180,42 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
 
 
 def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` for ``impl="auto"``: CUDA, bf16 (the one dtype torch.compile's meta
-    kernel accepts; eager CPU also takes fp32) and 16-byte aligned rows."""
+    """``torch._grouped_mm`` for ``impl="auto"``: CUDA, bf16 activations (the one dtype torch.compile's
+    meta kernel accepts; eager CPU also takes fp32), bf16 or fp32 weights, 16-byte aligned rows."""
     if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
         return False
-    return all(w.dtype == x.dtype and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    return all(
+        w.dtype in (x.dtype, torch.float32) and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights
+    )
+
+
+class GroupedLinear(torch.autograd.Function):
+    """``y[rows of e] = x[rows of e] @ w[e].T`` for tokens grouped by expert (``offsets_E``: group ends).
+
+    The weights may be kept in higher precision than the activations (fp32 master weights under
+    :func:`~cupola.toolkit.parallel.mixed_precision.apply_mixed_precision`): they are cast to the
+    activation dtype for the GEMMs and the weight gradient is cast back, both inside the MoE block,
+    where torch.compile turns the casts into vectorized kernels (eager's bf16 -> fp32 copy reaches
+    only ~60% of an H100's memory bandwidth). ``torch._grouped_mm`` cannot yet write an fp32 result
+    from bf16 inputs (torch 2.11), which would fuse the gradient cast into the GEMM as Megatron does.
+    """
+
+    @staticmethod
+    def forward(ctx, x_M_C: torch.Tensor, w_E_H_C: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w = w_E_H_C.to(x_M_C.dtype)
+        ctx.save_for_backward(x_M_C, w, offsets_E)
+        ctx.w_dtype = w_E_H_C.dtype
+        return torch._grouped_mm(x_M_C, w.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, dy_M_H: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        x_M_C, w, offsets_E = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(dy_M_H, w, offs=offsets_E)
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(dy_M_H.transpose(0, 1), x_M_C, offs=offsets_E).to(ctx.w_dtype)
+        return dx, dw, None
 
 
 def _normal_(w: torch.Tensor, std: float) -> None:
@@ -211,7 +243,13 @@ class Experts(nn.Module):
     ``impl``: ``"grouped"`` (``torch._grouped_mm``; eager: fp32/bf16, under torch.compile: bf16,
     ``dim`` and the hidden size multiples of 16 bytes), ``"reference"`` (a loop of matmuls over
     experts, any dtype), or ``"auto"``: grouped for bf16 on CUDA, reference otherwise.
+
+    Weights in higher precision than the tokens (fp32 master weights) are cast for compute inside
+    the expert GEMMs (:class:`GroupedLinear`), so mixed precision leaves them to this module
+    (``casts_own_weights``) and their fp32 gradients come straight out of the GEMMs.
     """
+
+    casts_own_weights = True
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, mlp: str = "swiglu") -> None:
         super().__init__()
@@ -251,17 +289,17 @@ class Experts(nn.Module):
 
     def _forward_grouped(self, x_M_C, counts_E, w1, w2, w3) -> torch.Tensor:
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h1 = torch._grouped_mm(x_M_C, w1.transpose(-2, -1), offs=offsets_E)
-        h3 = torch._grouped_mm(x_M_C, w3.transpose(-2, -1), offs=offsets_E) if w3 is not None else None
-        return torch._grouped_mm(self._act(h1, h3), w2.transpose(-2, -1), offs=offsets_E)
+        h1 = GroupedLinear.apply(x_M_C, w1, offsets_E)
+        h3 = GroupedLinear.apply(x_M_C, w3, offsets_E) if w3 is not None else None
+        return GroupedLinear.apply(self._act(h1, h3), w2, offsets_E)
 
     def _forward_reference(self, x_M_C, counts_E, w1, w2, w3) -> torch.Tensor:
         outs, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             x = x_M_C[start : start + n]
             start += n
-            h = self._act(x @ w1[e].T, x @ w3[e].T if w3 is not None else None)
-            outs.append(h @ w2[e].T)
+            h = self._act(x @ w1[e].T.to(x.dtype), x @ w3[e].T.to(x.dtype) if w3 is not None else None)
+            outs.append(h @ w2[e].T.to(x.dtype))
         return torch.cat(outs)
 
 
@@ -323,7 +361,11 @@ class MoE(nn.Module):
         # unique indices plus a sum over k is deterministic; a scatter-add of duplicates is not.
         x_NK_C = x_N_C.unsqueeze(1).expand(N, K, C).reshape(N * K, C)
         y_M_C = self.experts(x_NK_C[order], counts_E)
-        y_NK_C = y_M_C.new_zeros(N * K, C).index_put((order,), y_M_C)  # dropped rows stay zero
+        if keep_N_K is None:  # every assignment ran: gather the rows back through the inverse permutation
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=order.device))
+            y_NK_C = y_M_C[inverse]
+        else:
+            y_NK_C = y_M_C.new_zeros(N * K, C).index_put((order,), y_M_C)  # dropped rows stay zero
         lead = x_B_T_C.shape[:-1]
         out = (y_NK_C.view(*lead, K, C).float() * weights_N_K.view(*lead, K, 1)).sum(-2).to(x_B_T_C.dtype)
 

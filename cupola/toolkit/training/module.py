@@ -110,37 +110,50 @@ class ParallelModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.optim_cfg)
+        # bf16 working copies need one micro-batch per step (gradients accumulated in fp32 otherwise)
+        optimizer = build_optimizer(
+            self.model, self.optim_cfg, working_copies=self.trainer.accumulate_grad_batches == 1
+        )
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any
     ) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        self.last_grad_norm = clip_grad_norm_(params, self.optim_cfg.clip_grad_norm or float("inf"))
+        mp = getattr(self.model, "_cupola_mp", None)  # gradients may sit on bf16 working copies
+        grads = [mp.grad(p) if mp is not None else p.grad for p in self.model.parameters()]
+        grads = [g for g in grads if g is not None]
+        self.last_grad_norm = clip_grad_norm_(grads, self.optim_cfg.clip_grad_norm or float("inf"))
         if not math.isfinite(self.last_grad_norm):
             raise_non_finite(self.trainer, "the gradient norm", self.last_grad_norm)
         self.log("train/grad_norm", self.last_grad_norm, rank_zero_only=True)
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global gradient-norm clipping over parameters that may live on different meshes.
+def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> float:
+    """Global gradient-norm clipping (in place) over gradients that may live on different meshes.
 
     Expert-parallel weights sit on the (dp_shard_mod_ep, ep) mesh, the rest on the FSDP mesh;
     DTensor cannot combine norms across meshes, so each mesh's norm is reduced on its own and the
     global norm is combined from the results. Returns the norm before clipping.
     """
-    groups: dict[Any, list[torch.nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    for mesh, group in groups.items():
+        if mesh is None:  # plain tensors, possibly bf16 (working-copy gradients): accumulate in fp32
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in group])
+            )
+        else:
+            norm = torch.nn.utils.get_total_norm(group, foreach=True)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        norms.append(norm)
     if not norms:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if max_norm != float("inf"):
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in groups.values():
+            torch._foreach_mul_(group, coef.to(group[0].device))
     return float(total)

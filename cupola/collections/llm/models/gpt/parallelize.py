@@ -1,5 +1,7 @@
 """Apply parallelism to a GPT (on the meta device or real), in torchtitan's order:
 tensor parallel -> activation checkpointing -> torch.compile (per block) -> FSDP2.
+A single process without activation checkpointing skips FSDP2 and gets the same bf16-compute /
+fp32-master-weight numerics from :func:`~cupola.toolkit.parallel.mixed_precision.apply_mixed_precision`.
 
 Tensor parallelism is Megatron-style with sequence parallelism between blocks: inside a block
 ``wq/wk/wv/w1/w3`` are column-parallel and ``wo/w2`` row-parallel; between them the residual
@@ -28,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 
 from cupola.collections.llm.models.gpt.model import GPT
 from cupola.toolkit.config import ConfigError
+from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
 from cupola.toolkit.parallel.dims import ParallelDims
 
 try:  # public since torch 2.6
@@ -64,6 +67,12 @@ def parallelize_gpt(
         apply_ac(model)
     if compile:
         apply_compile(model)
+    if dims.world_size == 1 and not activation_checkpointing:
+        # One process: nothing to shard. FSDP2 would still copy every parameter through one-rank
+        # collectives each step; cast them for compute instead (same numerics, see mixed_precision).
+        if param_dtype != torch.float32:
+            apply_mixed_precision(model, param_dtype)
+        return model
     expert_mesh = dims.submesh("dp_shard_mod_ep") if dims.ep_enabled else None
     apply_fsdp(
         model,
