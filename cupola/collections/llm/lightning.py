@@ -34,9 +34,13 @@ def dense_config(moe_cfg: GPTConfig) -> GPTConfig:
     return dataclasses.replace(moe_cfg, moe=None)
 
 
-def check_same_config(init_from: str, found: GPTConfig, config: GPTConfig) -> None:
+def check_same_config(
+    init_from: str, found: GPTConfig, config: GPTConfig, ignore: tuple[str, ...] = ()
+) -> None:
     mismatched = {
-        k: (v, getattr(config, k)) for k, v in to_dict(found).items() if to_dict(config).get(k) != v
+        k: (v, getattr(config, k))
+        for k, v in to_dict(found).items()
+        if k not in ignore and to_dict(config).get(k) != v
     }
     if mismatched:
         raise ConfigError(
@@ -45,17 +49,24 @@ def check_same_config(init_from: str, found: GPTConfig, config: GPTConfig) -> No
         )
 
 
-def initial_sources(init_from: str, config: GPTConfig) -> dict[str, SliceSource]:
-    """Lazy GPT weights from a cupola run/checkpoint folder or a Hugging Face Llama folder/cache id."""
+# What a model may change without changing its weights (context length, RoPE), e.g. a VLM's LLM.
+NON_STRUCTURAL = ("max_seq_len", "rope_theta", "rope_scaling", "init_std")
+
+
+def initial_sources(
+    init_from: str, config: GPTConfig, ignore: tuple[str, ...] = ()
+) -> dict[str, SliceSource]:
+    """Lazy GPT weights from a cupola run/checkpoint folder or a Hugging Face Llama folder/cache id;
+    the source's config must equal ``config`` except for the fields in ``ignore``."""
     path = Path(init_from).expanduser()
     ckpt = path if is_complete(path) else latest_checkpoint(path / "checkpoints") if path.is_dir() else None
     if ckpt is not None:
         saved = OmegaConf.to_container(OmegaConf.load(ckpt.parent.parent / "config.yaml"))["model"]
-        check_same_config(init_from, from_dict(GPTConfig, saved), config)
+        check_same_config(init_from, from_dict(GPTConfig, saved), config, ignore)
         weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
         return {k: TensorSource(v) for k, v in weights.items()}
     folder = hub.resolve_checkpoint_dir(init_from)
-    check_same_config(init_from, hf_llama_config_to_gpt(hub.read_config(folder)), config)
+    check_same_config(init_from, hf_llama_config_to_gpt(hub.read_config(folder)), config, ignore)
     return hf_llama_to_gpt_state_dict(safetensors_sources(folder), config)
 
 
@@ -102,7 +113,7 @@ class GPTModule(ParallelModule):
         return upcycled_sources(initial_sources(self.init_from, dense_cfg), dense_cfg, self.upcycle)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(batch["tokens"], batch.get("positions"))
+        logits = self.model(batch["tokens"], batch.get("positions"), batch.get("document_ids"))
         return F.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
         )

@@ -13,6 +13,20 @@ from torch import nn
 from cupola.toolkit.modules.rope import apply_rope
 
 
+def document_causal_mask(document_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``[B, 1, T, T]`` for packed sequences: token i attends to j when
+    ``j <= i`` and both belong to the same document (``document_ids`` equal; padding, any id such
+    as -1, only attends within its own run, so no row is empty).
+
+    Dense ``T x T`` per row: fine for the packed SFT lengths it serves; the sequence-parallel
+    attention backends take document boundaries without materialising it.
+    """
+    T = document_ids_B_T.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids_B_T.device).tril()
+    same = document_ids_B_T[:, :, None] == document_ids_B_T[:, None, :]
+    return (same & causal)[:, None]
+
+
 def repeat_kv(x_B_H_T_D: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Repeat each KV head ``n_rep`` times: ``[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]``."""
     if n_rep == 1:
@@ -60,9 +74,15 @@ class Attention(nn.Module):
                 nn.init.zeros_(linear.bias)
 
     def forward(
-        self, x_B_T_C: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x_B_T_C: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``rope``: ``(cos, sin)`` looked up for the positions of ``x`` (see ``RotaryEmbedding``), or None."""
+        """``rope``: ``(cos, sin)`` looked up for the positions of ``x`` (see ``RotaryEmbedding``), or None.
+        ``mask``: boolean ``[B, 1, T, T]`` (True = may attend), replacing the causal rule, e.g.
+        :func:`document_causal_mask` for packed samples."""
         B, T, _ = x_B_T_C.shape
         q = self.wq(x_B_T_C).view(B, T, -1, self.head_dim)  # local heads under TP
         k = self.wk(x_B_T_C).view(B, T, -1, self.head_dim)
@@ -77,7 +97,8 @@ class Attention(nn.Module):
             q_B_H_T_D,
             k_B_H_T_D,
             v_B_H_T_D,
-            is_causal=self.causal,
+            attn_mask=mask,
+            is_causal=self.causal and mask is None,
             enable_gqa=q_B_H_T_D.shape[1] != k_B_H_T_D.shape[1],
         )
         return self.wo(out_B_H_T_D.transpose(1, 2).reshape(B, T, -1))

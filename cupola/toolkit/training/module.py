@@ -58,6 +58,13 @@ class ParallelModule(pl.LightningModule):
         None to initialize from the seed. Called on every rank; each reads only its own shards."""
         return None
 
+    def initial_weights_keep(self) -> tuple[str, ...]:
+        """Name prefixes that ``initial_weights()`` may leave out: those keep their initialization."""
+        return ()
+
+    def freeze(self, model: nn.Module) -> None:
+        """Set ``requires_grad=False`` on what this run does not train (called once the weights are in)."""
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -83,7 +90,8 @@ class ParallelModule(pl.LightningModule):
             self.init_weights(model)
         sources = None if self.resuming else self.initial_weights()
         if sources is not None:
-            load_sources(model, sources)
+            load_sources(model, sources, keep_prefixes=self.initial_weights_keep())
+        self.freeze(model)  # before the optimizer and any forward: both see the final trainable set
         # the router losses' gradients are injected inside the MoE blocks: scale them like the main loss
         set_moe_loss_scale(model, 1.0 / self.trainer.accumulate_grad_batches)
         self.model, self.dims = model, dims

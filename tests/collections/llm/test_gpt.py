@@ -59,6 +59,23 @@ def test_positions_embed_split_and_length_check():
         model(torch.zeros(1, 257, dtype=torch.long))
 
 
+def test_packed_documents_do_not_see_each_other():
+    """With document_ids, each packed sample's logits equal those of the sample alone."""
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny"))
+    a, b = torch.randint(0, 200, (1, 10)), torch.randint(0, 200, (1, 6))
+    pad = torch.full((1, 4), 258)
+    tokens = torch.cat([a, b, pad], 1)
+    positions = torch.cat([torch.arange(10), torch.arange(6), torch.arange(4)])[None]
+    documents = torch.tensor([[0] * 10 + [1] * 6 + [-1] * 4])
+    packed = model(tokens, positions, documents)
+    torch.testing.assert_close(packed[:, :10], model(a), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 10:16], model(b), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(packed).all()  # padding attends to itself, never to an empty row
+    unmasked = model(tokens, positions)  # without document_ids the second sample sees the first
+    assert not torch.allclose(unmasked[:, 10:16], model(b), atol=1e-3)
+
+
 def test_unknown_flavor_suggests_close_name():
     with pytest.raises(ConfigError, match=r"'tny'.*Did you mean: tiny\?.*llama3_8b"):
         gpt_config("tny")

@@ -24,6 +24,7 @@ from cupola.toolkit.modules import (
     RotaryEmbedding,
     build_mlp,
     build_norm,
+    document_causal_mask,
     rotary_dim,
 )
 from cupola.toolkit.modules.moe import MoE, MoEConfig
@@ -225,8 +226,10 @@ class TransformerBlock(nn.Module):
         self.attention.init_weights(std, out_std)
         self.feed_forward.init_weights(std, out_std)
 
-    def forward(self, x_B_T_C: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = x_B_T_C + self.attention(self.attention_norm(x_B_T_C), rope)
+    def forward(
+        self, x_B_T_C: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x_B_T_C + self.attention(self.attention_norm(x_B_T_C), rope, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -280,18 +283,28 @@ class GPT(nn.Module):
         return self.tok_embeddings(tokens_B_T)
 
     def forward_embeddings(
-        self, h_B_T_C: torch.Tensor, positions_B_T: torch.Tensor | None = None
+        self,
+        h_B_T_C: torch.Tensor,
+        positions_B_T: torch.Tensor | None = None,
+        document_ids_B_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for input embeddings (full sequence, e.g. text and image tokens mixed).
 
         ``positions_B_T`` gives each token's RoPE position (packed or offset sequences); default
-        ``0..T-1``. Attention is causal over the whole sequence either way.
+        ``0..T-1``. Attention is causal over the whole row, or, with ``document_ids_B_T`` (packed
+        samples), causal within each document only (:func:`document_causal_mask`).
         """
         rope = self.rope(h_B_T_C.shape[1], positions_B_T)
+        mask = None if document_ids_B_T is None else document_causal_mask(document_ids_B_T)
         h = h_B_T_C
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, mask=mask)
         return self.output(self.norm(h))
 
-    def forward(self, tokens_B_T: torch.Tensor, positions_B_T: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_embeddings(self.embed(tokens_B_T), positions_B_T)
+    def forward(
+        self,
+        tokens_B_T: torch.Tensor,
+        positions_B_T: torch.Tensor | None = None,
+        document_ids_B_T: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.forward_embeddings(self.embed(tokens_B_T), positions_B_T, document_ids_B_T)
