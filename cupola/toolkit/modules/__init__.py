@@ -1,6 +1,6 @@
 """Building blocks shared by the collections: norms, RoPE, attention, MLPs."""
 
-from cupola.toolkit.modules.attention import Attention, document_causal_mask, repeat_kv
+from cupola.toolkit.modules.attention import Attention, KVCache, document_causal_mask, repeat_kv
 from cupola.toolkit.modules.mlp import MLPS, SquaredReLUMLP, SwiGLU, build_mlp
 from cupola.toolkit.modules.norms import NORMS, LayerNorm, RMSNorm, build_norm
 from cupola.toolkit.modules.rope import (
@@ -25,6 +25,7 @@ __all__ = [
     "apply_rope",
     "build_mlp",
     "build_norm",
+    "KVCache",
     "document_causal_mask",
     "repeat_kv",
     "rope_cos_sin",

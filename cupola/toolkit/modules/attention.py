@@ -13,6 +13,43 @@ from torch import nn
 from cupola.toolkit.modules.rope import apply_rope
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    ``k[layer]``/``v[layer]``: ``[B, Hkv, max_len, D]`` buffers, allocated at a layer's first
+    :meth:`update` in the dtype and device of its keys (the compute dtype under mixed precision);
+    ``length`` tokens are filled. The model advances ``length`` once per forward (:meth:`advance`).
+    Made by ``GPT.new_kv_cache``.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.max_len = max_len
+        self.length = 0
+
+    def update(
+        self, layer: int, k_B_H_T_D: torch.Tensor, v_B_H_T_D: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values after the cached ones; return all of them so far."""
+        start, end = self.length, self.length + k_B_H_T_D.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KVCache: {end} tokens do not fit the cache of {self.max_len}; make it longer "
+                "(max_len) or start a new one"
+            )
+        if self.k[layer] is None:
+            B, H, _, D = k_B_H_T_D.shape
+            self.k[layer] = k_B_H_T_D.new_zeros(B, H, self.max_len, D)
+            self.v[layer] = v_B_H_T_D.new_zeros(B, H, self.max_len, D)
+        self.k[layer][:, :, start:end] = k_B_H_T_D
+        self.v[layer][:, :, start:end] = v_B_H_T_D
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
 def document_causal_mask(document_ids_B_T: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T, T]`` for packed sequences: token i attends to j when
     ``j <= i`` and both belong to the same document (``document_ids`` equal; padding, any id such
@@ -79,10 +116,13 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         *,
         mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         """``rope``: ``(cos, sin)`` looked up for the positions of ``x`` (see ``RotaryEmbedding``), or None.
         ``mask``: boolean ``[B, 1, T, T]`` (True = may attend), replacing the causal rule, e.g.
-        :func:`document_causal_mask` for packed samples."""
+        :func:`document_causal_mask` for packed samples. ``kv_cache``: attend to the cached tokens
+        too (``x`` continues them; causal), storing this call's keys/values in slot ``layer``."""
         B, T, _ = x_B_T_C.shape
         q = self.wq(x_B_T_C).view(B, T, -1, self.head_dim)  # local heads under TP
         k = self.wk(x_B_T_C).view(B, T, -1, self.head_dim)
@@ -91,6 +131,14 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_B_H_T_D, k_B_H_T_D, v_B_H_T_D = (t.transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            past = kv_cache.length
+            k_B_H_T_D, v_B_H_T_D = kv_cache.update(layer, k_B_H_T_D, v_B_H_T_D)
+            if mask is None and self.causal and T > 1:  # query i (absolute past + i) sees keys <= past + i
+                keys = torch.arange(past + T, device=x_B_T_C.device)
+                mask = keys[None, :] <= (past + torch.arange(T, device=x_B_T_C.device))[:, None]
+            elif mask is None:
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x_B_T_C.device)  # one new token sees all
         # Grouped-query heads go to SDPA as they are (enable_gqa): the fused kernels read each KV head
         # for its query group, with no repeated copy of K and V (10% faster on an H100 with cuDNN).
         out_B_H_T_D = F.scaled_dot_product_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cupola.collections.llm.generate import generate
@@ -38,3 +39,19 @@ def test_generation_stops_at_eos() -> None:
     model = _model()
     first = generate(model, [256], 1)[0]
     assert generate(model, [256], 10, eos_id=first) == [first]
+
+
+def test_kv_cache_prefill_then_steps_equal_the_full_forward():
+    """Incremental decoding with the KV cache gives the full forward's logits, position by position."""
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny"))
+    tokens = torch.randint(0, 256, (2, 20))
+    full = model(tokens)
+    cache = model.new_kv_cache(32)
+    outs = [model.forward_embeddings(model.embed(tokens[:, :12]), kv_cache=cache)]
+    for i in range(12, 20):
+        outs.append(model.forward_embeddings(model.embed(tokens[:, i : i + 1]), kv_cache=cache))
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit the cache of 32"):
+        model.forward_embeddings(model.embed(tokens[:, :13]), kv_cache=cache)

@@ -24,6 +24,7 @@ from cupola.toolkit.modules import (
     RotaryEmbedding,
     build_mlp,
     build_norm,
+    KVCache,
     document_causal_mask,
     rotary_dim,
 )
@@ -227,9 +228,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(std, out_std)
 
     def forward(
-        self, x_B_T_C: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *, mask: torch.Tensor | None = None
+        self,
+        x_B_T_C: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        *,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = x_B_T_C + self.attention(self.attention_norm(x_B_T_C), rope, mask=mask)
+        h = x_B_T_C + self.attention(
+            self.attention_norm(x_B_T_C), rope, mask=mask, kv_cache=kv_cache, layer=self.layer_id
+        )
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -287,19 +295,32 @@ class GPT(nn.Module):
         h_B_T_C: torch.Tensor,
         positions_B_T: torch.Tensor | None = None,
         document_ids_B_T: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for input embeddings (full sequence, e.g. text and image tokens mixed).
 
         ``positions_B_T`` gives each token's RoPE position (packed or offset sequences); default
         ``0..T-1``. Attention is causal over the whole row, or, with ``document_ids_B_T`` (packed
-        samples), causal within each document only (:func:`document_causal_mask`).
+        samples), causal within each document only (:func:`document_causal_mask`). With
+        ``kv_cache`` (:meth:`new_kv_cache`) the tokens continue the cached ones: positions default
+        to ``length..length+T-1`` and the cache advances by ``T``.
         """
-        rope = self.rope(h_B_T_C.shape[1], positions_B_T)
+        T = h_B_T_C.shape[1]
+        if kv_cache is not None and positions_B_T is None:
+            start = kv_cache.length
+            positions_B_T = torch.arange(start, start + T, device=h_B_T_C.device).expand(h_B_T_C.shape[0], T)
+        rope = self.rope(T, positions_B_T)
         mask = None if document_ids_B_T is None else document_causal_mask(document_ids_B_T)
         h = h_B_T_C
         for layer in self.layers.values():
-            h = layer(h, rope, mask=mask)
+            h = layer(h, rope, mask=mask, kv_cache=kv_cache) if kv_cache is not None else layer(h, rope, mask=mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         return self.output(self.norm(h))
+
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for up to ``max_len`` (default ``max_seq_len``) tokens per sequence."""
+        return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
 
     def forward(
         self,
