@@ -45,7 +45,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def configs(seq: int) -> tuple[GPTConfig, GPTConfig]:
     dense = GPTConfig(
-        vocab_size=32000, dim=2048, n_layers=12, n_heads=16, n_kv_heads=8, ffn_hidden_size=5632, max_seq_len=seq
+        vocab_size=32000,
+        dim=2048,
+        n_layers=12,
+        n_heads=16,
+        n_kv_heads=8,
+        ffn_hidden_size=5632,
+        max_seq_len=seq,
     )
     moe = dataclasses.replace(
         dense, moe=MoEConfig(num_experts=8, top_k=2, expert_hidden_size=5632, aux_loss_coeff=1e-2)
@@ -152,7 +158,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--profile-dir", type=Path, default=None, help="also profile each model; traces go here")
+    parser.add_argument(
+        "--profile-dir", type=Path, default=None, help="also profile each model; traces go here"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -199,7 +207,9 @@ def main() -> None:
     device = torch.cuda.get_device_name(0)
     print(f"\nseq {args.seq} x batch {args.batch}, bf16, on {device}, torch {torch.__version__}")
     print("fwd+bwd: the compared step; +AdamW: the same with the optimizer step (not part of MFU)")
-    print(f"{'implementation':<44} {'fwd+bwd ms':>10} {'tokens/s':>10} {'MFU':>7} {'+AdamW ms':>10} {'peak GiB':>9}")
+    print(
+        f"{'implementation':<44} {'fwd+bwd ms':>10} {'tokens/s':>10} {'MFU':>7} {'+AdamW ms':>10} {'peak GiB':>9}"
+    )
     for r in rows:
         print(
             f"{r['name']:<44} {r['step_ms']:>10.1f} {r['tokens_per_sec']:>10,.0f} {100 * r['mfu']:>6.1f}% "

@@ -18,7 +18,13 @@ from cupola.toolkit.training.optim import MixedPrecisionAdamW, build_optimizer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 CFG = GPTConfig(
-    vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=256, max_seq_len=64,
+    vocab_size=256,
+    dim=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_hidden_size=256,
+    max_seq_len=64,
     moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=128),
 )
 

@@ -21,10 +21,18 @@ from cupola.toolkit.training.optim import MixedPrecisionAdamW, build_optimizer
 
 BF16 = torch.bfloat16
 DENSE = GPTConfig(
-    vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=64, max_seq_len=16,
+    vocab_size=128,
+    dim=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_hidden_size=64,
+    max_seq_len=16,
     tie_embeddings=True,
 )
-MOE = dataclasses.replace(DENSE, tie_embeddings=False, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32))
+MOE = dataclasses.replace(
+    DENSE, tie_embeddings=False, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden_size=32)
+)
 
 
 def _model(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -139,7 +147,9 @@ def test_mixed_precision_adamw_steps_like_adamw_on_fp32_gradients(cfg):
             assert mp.grad(p).dtype == BF16
             if step == 0:  # same weights: the bf16 gradient is exactly the one cast back to fp32
                 torch.testing.assert_close(mp.grad(p).float(), p_ref.grad, rtol=0, atol=0)
-            p_ref.grad = mp.grad(p).float()  # later weights differ by AdamW's rounding: compare the steps alone
+            p_ref.grad = mp.grad(
+                p
+            ).float()  # later weights differ by AdamW's rounding: compare the steps alone
         opt.step()
         opt_ref.step()
         for (name, p), p_ref in zip(ours.named_parameters(), reference.parameters()):
@@ -153,7 +163,9 @@ def test_mixed_precision_adamw_steps_like_adamw_on_fp32_gradients(cfg):
     assert state["state"].keys() == state_ref["state"].keys()
     for k, s in state["state"].items():
         assert s.keys() == state_ref["state"][k].keys()
-        torch.testing.assert_close(s["exp_avg_sq"], state_ref["state"][k]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(
+            s["exp_avg_sq"], state_ref["state"][k]["exp_avg_sq"], rtol=1e-6, atol=1e-12
+        )
     opt.load_state_dict(state_ref)  # a checkpoint written with torch's AdamW resumes here
     torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], state_ref["state"][0]["exp_avg"])
 

@@ -64,7 +64,9 @@ def decode(
     logits = model.forward_embeddings(prompt_embeds_1_T_C, kv_cache=cache)
     new: list[int] = []
     for _ in range(min(max_new_tokens, limit - T)):
-        token = sample_next(logits[0, -1], temperature=temperature, top_p=top_p, vocab_size=vocab_size, generator=generator)
+        token = sample_next(
+            logits[0, -1], temperature=temperature, top_p=top_p, vocab_size=vocab_size, generator=generator
+        )
         new.append(token)
         if token == eos_id or cache.length >= cache.max_len:
             break

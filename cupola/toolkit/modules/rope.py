@@ -1,4 +1,4 @@
-"""Rotary position embeddings (1D), with Llama-3 frequency scaling and partial rotary.
+"""Rotary position embeddings (1D), with frequency scaling for longer contexts and partial rotary.
 
 Layout: the "half-split" convention of HF transformers and Megatron-Core (``rotate_half``):
 within the first ``rot_dim`` channels of a head, channel ``i`` pairs with ``i + rot_dim/2``.
@@ -6,45 +6,109 @@ HF Llama/Nemotron/Mixtral checkpoints therefore load without permuting q/k rows.
 original ``consolidated.pth`` files use the interleaved layout, ``i`` with ``i+1``; they need
 the HF permutation before loading.) Channels past ``rot_dim`` (``rotary_percent < 1``, as in
 Nemotron) pass through unrotated.
+
+Frequency scaling (:class:`RopeScaling`) follows HF transformers' ``ROPE_INIT_FUNCTIONS``
+(``modeling_rope_utils.py``) for ``llama3``, ``linear`` and ``yarn``; ``ntk`` is the static
+NTK-aware base change (see :class:`RopeScaling`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from cupola.toolkit.config import config_error
+from cupola.toolkit.config import check_choice, config_error
+
+# The fields each kind reads besides ``factor``; any other field must stay at its default.
+_FIELDS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": (),
+    "ntk": (),
+    "yarn": ("original_max_position_embeddings", "beta_fast", "beta_slow"),
+}
+ROPE_SCALING_KINDS = tuple(_FIELDS_OF_KIND)
 
 
 @dataclass(kw_only=True, slots=True)
 class RopeScaling:
-    """Llama 3.1 frequency scaling (``rope_type: llama3`` in HF configs).
+    """How RoPE frequencies are rescaled for a context ``factor`` times longer than the original.
 
-    Wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are
-    stretched by ``factor``; shorter than ``original_max_position_embeddings /
-    high_freq_factor`` are kept; in between they are interpolated smoothly.
+    ``kind``:
+
+    - ``"llama3"`` (Llama 3.1, HF ``rope_type: llama3``): wavelengths longer than
+      ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``; shorter
+      than ``original_max_position_embeddings / high_freq_factor`` are kept; in between they are
+      interpolated smoothly.
+    - ``"linear"`` (position interpolation, HF ``linear``): every frequency divided by ``factor``,
+      i.e. positions squeezed by ``factor``.
+    - ``"ntk"`` (NTK-aware, static): the base becomes ``theta * factor ** (d / (d - 2))`` with ``d``
+      the rotary dim, so the lowest frequency is divided by exactly ``factor`` and the highest is
+      kept. HF has only the *dynamic* variant (``rope_type: dynamic``, base recomputed from the
+      current length); this equals it evaluated once at ``factor`` times its length with its
+      ``factor`` set to 1.
+    - ``"yarn"`` (YaRN, arXiv 2309.00071; HF ``yarn`` with ``truncate`` on): per frequency a ramp
+      between interpolation (``/ factor``) and extrapolation (unchanged), by how many rotations it
+      makes in ``original_max_position_embeddings``: more than ``beta_fast`` keeps it, fewer than
+      ``beta_slow`` interpolates it. ``cos`` and ``sin`` are multiplied by
+      :attr:`attention_scaling` ``= 0.1 * ln(factor) + 1`` (the paper's attention temperature).
+
+    Fields a kind does not read must stay at their defaults (a value there would be silently
+    ignored otherwise).
     """
 
+    kind: str = "llama3"
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+
+    @property
+    def attention_scaling(self) -> float:
+        """Factor on ``cos`` and ``sin`` (so ``mscale**2`` on attention logits); 1 except for ``yarn``."""
+        if self.kind != "yarn" or self.factor <= 1.0:
+            return 1.0
+        return 0.1 * math.log(self.factor) + 1.0
 
     def validate(self) -> None:
-        if self.factor < 1.0:
+        check_choice(self, "kind", self.kind, ROPE_SCALING_KINDS)
+        if not self.factor >= 1.0:
             raise config_error(self, "factor", self.factor, "must be >= 1")
-        if not 0 < self.low_freq_factor < self.high_freq_factor:
+        used = _FIELDS_OF_KIND[self.kind]
+        for f in dataclasses.fields(self):
+            if f.name in ("kind", "factor") or f.name in used or getattr(self, f.name) == f.default:
+                continue
+            users = [kind for kind, names in _FIELDS_OF_KIND.items() if f.name in names]
+            raise config_error(
+                self,
+                f.name,
+                getattr(self, f.name),
+                f"only kind {' / '.join(map(repr, users))} reads it, this is kind={self.kind!r}; "
+                f"leave it at its default ({f.default!r})",
+            )
+        if "original_max_position_embeddings" in used and not self.original_max_position_embeddings > 0:
+            raise config_error(
+                self, "original_max_position_embeddings", self.original_max_position_embeddings, "must be > 0"
+            )
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
             raise config_error(
                 self,
                 "low_freq_factor",
                 self.low_freq_factor,
                 f"must satisfy 0 < low_freq_factor < high_freq_factor (= {self.high_freq_factor})",
             )
-        if self.original_max_position_embeddings <= 0:
+        if self.kind == "yarn" and not 0 < self.beta_slow < self.beta_fast:
             raise config_error(
-                self, "original_max_position_embeddings", self.original_max_position_embeddings, "must be > 0"
+                self,
+                "beta_slow",
+                self.beta_slow,
+                f"must satisfy 0 < beta_slow < beta_fast (= {self.beta_fast}); rotations counted in "
+                "original_max_position_embeddings",
             )
 
 
@@ -53,35 +117,85 @@ def rotary_dim(head_dim: int, rotary_percent: float = 1.0) -> int:
     return int(head_dim * rotary_percent)
 
 
+def _plain_inv_freq(rot_dim: int, theta: float, device: torch.device | str | None) -> torch.Tensor:
+    exponent = torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float() / rot_dim
+    return 1.0 / (theta**exponent)
+
+
+def _llama3_inv_freq(rot_dim: int, theta: float, s: RopeScaling, device) -> torch.Tensor:
+    inv_freq = _plain_inv_freq(rot_dim, theta, device)
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _linear_inv_freq(rot_dim: int, theta: float, s: RopeScaling, device) -> torch.Tensor:
+    return _plain_inv_freq(rot_dim, theta, device) / s.factor
+
+
+def _ntk_inv_freq(rot_dim: int, theta: float, s: RopeScaling, device) -> torch.Tensor:
+    if rot_dim <= 2:
+        raise config_error(
+            s, "kind", s.kind, f"needs a rotary dim > 2 (got {rot_dim}): d / (d - 2) is its exponent"
+        )
+    return _plain_inv_freq(rot_dim, theta * s.factor ** (rot_dim / (rot_dim - 2)), device)
+
+
+def _yarn_inv_freq(rot_dim: int, theta: float, s: RopeScaling, device) -> torch.Tensor:
+    def dim_of(rotations: float) -> float:
+        # The (fractional) channel index whose frequency makes `rotations` turns in the original context.
+        wavelen = s.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return rot_dim * math.log(wavelen) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(s.beta_fast)), 0)
+    high = min(math.ceil(dim_of(s.beta_slow)), rot_dim - 1)  # HF's bound (pair indices end at rot_dim/2 - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a non-empty interval
+    # Share of the original frequency kept: 1 below `low` (fast), 0 above `high` (slow), linear between.
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = (1 - ramp).to(device)
+    pos_freqs = theta ** (torch.arange(0, rot_dim, 2, device=device).float() / rot_dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (s.factor * pos_freqs)
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {
+    "llama3": _llama3_inv_freq,
+    "linear": _linear_inv_freq,
+    "ntk": _ntk_inv_freq,
+    "yarn": _yarn_inv_freq,
+}
+
+
 def rope_inv_freq(
     rot_dim: int,
     theta: float,
     scaling: RopeScaling | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Inverse frequencies ``[rot_dim // 2]`` in fp32 (the formula of HF ``_compute_llama3_parameters``)."""
-    exponent = torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float() / rot_dim
-    inv_freq = 1.0 / (theta**exponent)
+    """Inverse frequencies ``[rot_dim // 2]`` in fp32 (the formulas of HF's ``ROPE_INIT_FUNCTIONS``)."""
     if scaling is None:
-        return inv_freq
-    old_len = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_len / scaling.low_freq_factor
-    high_freq_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+        return _plain_inv_freq(rot_dim, theta, device)
+    scaling.validate()
+    return _INV_FREQ[scaling.kind](rot_dim, theta, scaling, device)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` tables ``[max_seq_len, rot_dim // 2]`` (fp32) for positions ``0 .. max_seq_len-1``."""
+def rope_cos_sin(
+    inv_freq: torch.Tensor, max_seq_len: int, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` tables ``[max_seq_len, rot_dim // 2]`` (fp32) for positions ``0 .. max_seq_len-1``,
+    both multiplied by ``attention_scaling`` (:attr:`RopeScaling.attention_scaling`)."""
     positions = torch.arange(max_seq_len, device=inv_freq.device, dtype=torch.int64).float()
     angles = torch.outer(positions, inv_freq)
-    return angles.cos(), angles.sin()
+    if attention_scaling == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,7 +249,8 @@ class RotaryEmbedding(torch.nn.Module):
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         device = device if device is not None else self.cos.device
         inv_freq = rope_inv_freq(self.rot_dim, self.theta, self.scaling, device=device)
-        self.cos, self.sin = rope_cos_sin(inv_freq, self.max_seq_len)
+        scale = 1.0 if self.scaling is None else self.scaling.attention_scaling
+        self.cos, self.sin = rope_cos_sin(inv_freq, self.max_seq_len, scale)
 
     def forward(
         self, seq_len: int, positions: torch.Tensor | None = None

@@ -42,7 +42,7 @@ def _adamw_update(
     ``work`` (the low-precision working copy) too. ``h``: ``[lr, beta1, beta2, eps, lr * weight_decay,
     lr / bias_correction1, sqrt(bias_correction2)]`` as a tensor, so that changing the learning rate
     does not recompile. The operations are torch.optim.AdamW's (decoupled decay, then the update)."""
-    lr, beta1, beta2, eps, lr_wd, step_size, bc2_sqrt = h.unbind()
+    _lr, beta1, beta2, eps, lr_wd, step_size, bc2_sqrt = h.unbind()  # lr enters through lr_wd, step_size
     g = g.float()
     p_new = p * (1 - lr_wd)
     m_new = m.lerp(g, 1 - beta1)

@@ -124,9 +124,11 @@ def test_converters_are_strict_and_name_the_keys():
         gpt_to_hf_llama_state_dict({k: v for k, v in sd.items() if k != "output.weight"}, cfg)
     with pytest.raises(ValueError, match=r"mlp='squared_relu' is not supported; Llama needs 'swiglu'"):
         gpt_to_hf_llama_config(gpt_config("tiny", mlp="squared_relu"))
-    with pytest.raises(ValueError, match=r"rope_type='yarn'"):
+    with pytest.raises(
+        ValueError, match=r"rope_type='longrope' is not supported; supported: 'default', 'llama3'"
+    ):
         hf_llama_config_to_gpt(
-            {**gpt_to_hf_llama_config(cfg), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+            {**gpt_to_hf_llama_config(cfg), "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}
         )
 
 
@@ -181,3 +183,24 @@ def test_nemotron_architecture_matches_hf_nemotron():
     tokens, _ = _inputs(300)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "ntk"])
+def test_context_extended_rope_exports_to_transformers(kind, tmp_path):
+    """A config extended with linear / YaRN / NTK RoPE scaling exports to a Llama folder whose
+    transformers logits equal ours, and (linear, YaRN) reads back to the same scaling."""
+    from cupola.collections.llm.models.gpt import RopeScaling, save_hf_llama
+    from cupola.collections.llm.models.gpt.convert import hf_llama_config_to_gpt
+
+    extra = {"original_max_position_embeddings": 64} if kind == "yarn" else {}
+    cfg = gpt_config("tiny", max_seq_len=256, rope_scaling=RopeScaling(kind=kind, factor=4.0, **extra))
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    save_hf_llama(ours.state_dict(), cfg, tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (1, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=2e-4, atol=2e-4)
+    back = hf_llama_config_to_gpt(hub.read_config(tmp_path))
+    if kind != "ntk":  # NTK is written as the equivalent larger rope_theta
+        assert back.rope_scaling == cfg.rope_scaling

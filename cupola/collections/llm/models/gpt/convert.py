@@ -19,7 +19,7 @@ from torch import nn
 
 from cupola.collections.llm.models.gpt.model import GPTConfig
 from cupola.toolkit import hub
-from cupola.toolkit.modules import RopeScaling
+from cupola.toolkit.modules import RopeScaling, rotary_dim
 
 __all__ = [
     "gpt_to_hf_llama_config",
@@ -63,16 +63,33 @@ def _hf_rope(hf_config: Mapping, what: str = "HF Llama config") -> tuple[float, 
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
-        raise _error(what, "rope_type", rope_type, "supported: 'default', 'llama3'")
-    scaling = RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", hf_config["max_position_embeddings"])
-        ),
-    )
+    original = int(params.get("original_max_position_embeddings", hf_config["max_position_embeddings"]))
+    if rope_type == "llama3":
+        scaling = RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=original,
+        )
+    elif rope_type == "linear":
+        scaling = RopeScaling(kind="linear", factor=float(params["factor"]))
+    elif rope_type == "yarn":
+        unsupported = [
+            k for k in ("attention_factor", "mscale", "mscale_all_dim") if params.get(k) is not None
+        ]
+        if unsupported or params.get("truncate", True) is False:
+            raise _error(
+                what, "rope_scaling", params, "YaRN with the default attention factor and truncate=True"
+            )
+        scaling = RopeScaling(
+            kind="yarn",
+            factor=float(params["factor"]),
+            beta_fast=float(params.get("beta_fast", 32.0)),
+            beta_slow=float(params.get("beta_slow", 1.0)),
+            original_max_position_embeddings=original,
+        )
+    else:
+        raise _error(what, "rope_type", rope_type, "supported: 'default', 'llama3', 'linear', 'yarn'")
     return theta, scaling
 
 
@@ -142,15 +159,31 @@ def _hf_decoder_config(cfg: GPTConfig, what: str, family: str) -> dict:
         raise _error(what, "norm", cfg.norm, f"{family} needs 'rmsnorm'")
     if cfg.rotary_percent != 1.0:
         raise _error(what, "rotary_percent", cfg.rotary_percent, f"{family} rotates every channel (1.0)")
-    rope_scaling = None
-    if cfg.rope_scaling is not None:
+    rope_scaling, theta = None, cfg.rope_theta
+    sc = cfg.rope_scaling
+    if sc is not None and sc.kind == "llama3":
         rope_scaling = {
             "rope_type": "llama3",
-            "factor": cfg.rope_scaling.factor,
-            "low_freq_factor": cfg.rope_scaling.low_freq_factor,
-            "high_freq_factor": cfg.rope_scaling.high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_scaling.original_max_position_embeddings,
+            "factor": sc.factor,
+            "low_freq_factor": sc.low_freq_factor,
+            "high_freq_factor": sc.high_freq_factor,
+            "original_max_position_embeddings": sc.original_max_position_embeddings,
         }
+    elif sc is not None and sc.kind == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": sc.factor}
+    elif sc is not None and sc.kind == "yarn":
+        rope_scaling = {
+            "rope_type": "yarn",
+            "factor": sc.factor,
+            "beta_fast": sc.beta_fast,
+            "beta_slow": sc.beta_slow,
+            "original_max_position_embeddings": sc.original_max_position_embeddings,
+        }
+    elif sc is not None and sc.kind == "ntk":  # static NTK-aware scaling is exactly a larger base
+        d = rotary_dim(cfg.head_dim, cfg.rotary_percent)
+        theta = cfg.rope_theta * sc.factor ** (d / (d - 2))
+    elif sc is not None:
+        raise _error(what, "rope_scaling.kind", sc.kind, "exportable: 'llama3', 'linear', 'yarn', 'ntk'")
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -163,9 +196,9 @@ def _hf_decoder_config(cfg: GPTConfig, what: str, family: str) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         # transformers 4.x reads rope_theta + rope_scaling; 5.x reads rope_parameters (and the 4.x keys).
-        "rope_theta": cfg.rope_theta,
+        "rope_theta": theta,
         "rope_scaling": rope_scaling,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(rope_scaling or {})},
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(rope_scaling or {})},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "use_cache": True,

@@ -20,11 +20,11 @@ from cupola.toolkit.modules import (
     MLPS,
     NORMS,
     Attention,
+    KVCache,
     RopeScaling,
     RotaryEmbedding,
     build_mlp,
     build_norm,
-    KVCache,
     document_causal_mask,
     rotary_dim,
 )
@@ -313,7 +313,11 @@ class GPT(nn.Module):
         mask = None if document_ids_B_T is None else document_causal_mask(document_ids_B_T)
         h = h_B_T_C
         for layer in self.layers.values():
-            h = layer(h, rope, mask=mask, kv_cache=kv_cache) if kv_cache is not None else layer(h, rope, mask=mask)
+            h = (
+                layer(h, rope, mask=mask, kv_cache=kv_cache)
+                if kv_cache is not None
+                else layer(h, rope, mask=mask)
+            )
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.output(self.norm(h))

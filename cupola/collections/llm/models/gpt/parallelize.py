@@ -30,8 +30,8 @@ from torch.distributed.tensor.parallel import (
 
 from cupola.collections.llm.models.gpt.model import GPT
 from cupola.toolkit.config import ConfigError
-from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
 from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -1,0 +1,137 @@
+"""The VLM LightningModule: next-token cross-entropy on answers (media and packed samples included),
+with the trainable components of each LongVILA stage set explicitly.
+
+Weights come from, in order of precedence:
+- ``init_from``: a cupola VLM run or checkpoint (the previous stage): every weight;
+- ``init_vision`` (a Hugging Face SigLIP folder) and/or ``init_llm`` (a Hugging Face Llama folder or
+  a cupola GPT run): those components, the rest (the new projector) initialised from the seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cupola.collections.llm.lightning import IGNORE_INDEX, NON_STRUCTURAL, initial_sources
+from cupola.collections.vlm.models.vila import VILA, VLM_COMPONENTS, VILAConfig
+from cupola.collections.vlm.parallelize import parallelize_vila
+from cupola.toolkit.config import ConfigError
+from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.training.checkpoint import is_complete, latest_checkpoint, load_model_weights
+from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
+from cupola.toolkit.training.module import ParallelModule
+from cupola.toolkit.training.weights import SliceSource, TensorSource
+
+__all__ = ["VLMModule", "check_trainable", "vlm_checkpoint_sources"]
+
+
+def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
+    """The components to train, validated: a non-empty subset of ``vision``, ``projector``, ``llm``."""
+    trainable = tuple(trainable)
+    unknown = [t for t in trainable if t not in VLM_COMPONENTS]
+    if unknown or not trainable:
+        raise ConfigError(
+            f"trainable={list(trainable)}: choose a non-empty subset of {list(VLM_COMPONENTS)} "
+            "(align: [projector]; pretrain: [projector, llm]; sft: all three; context extension: [llm])"
+        )
+    return trainable
+
+
+def vlm_checkpoint_sources(init_from: str) -> dict[str, SliceSource] | None:
+    """Every weight of a cupola VLM run/checkpoint folder, or None if ``init_from`` is not one."""
+    path = Path(init_from).expanduser()
+    ckpt = path if is_complete(path) else latest_checkpoint(path / "checkpoints") if path.is_dir() else None
+    if ckpt is None:
+        return None
+    weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
+    return {k: TensorSource(v) for k, v in weights.items()}
+
+
+class VLMModule(ParallelModule):
+    def __init__(
+        self,
+        config: VILAConfig,
+        *,
+        optim: OptimConfig,
+        parallel: ParallelConfig,
+        precision: str,
+        max_steps: int,
+        trainable: Sequence[str] = ("projector",),
+        init_from: str | None = None,
+        init_vision: str | None = None,
+        init_llm: str | None = None,
+    ) -> None:
+        super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
+        self.config = config
+        self.trainable = check_trainable(trainable)
+        self.init_from, self.init_vision, self.init_llm = init_from, init_vision, init_llm
+
+    def build_model(self) -> nn.Module:
+        return VILA(self.config)
+
+    def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
+        p = self.parallel_cfg
+        return parallelize_vila(
+            model,
+            dims,
+            param_dtype=self.param_dtype,
+            reduce_dtype=torch.float32,
+            activation_checkpointing=p.activation_checkpointing,
+            compile=p.compile,
+        )
+
+    def init_weights(self, model: nn.Module) -> None:
+        model.init_weights()
+
+    def initial_weights(self) -> Mapping[str, SliceSource] | None:
+        if self.init_from:
+            sources = vlm_checkpoint_sources(self.init_from)
+            if sources is None:
+                raise ConfigError(
+                    f"init_from={self.init_from!r} is not a cupola VLM run or checkpoint folder; to start a "
+                    "VLM from pretrained parts use init_vision= (HF SigLIP folder) and init_llm= (HF Llama "
+                    "folder or cupola GPT run)"
+                )
+            return sources
+        sources: dict[str, SliceSource] = {}
+        if self.init_vision:
+            from cupola.collections.vlm.models.convert_siglip import siglip_vision_sources
+
+            sources.update(
+                {
+                    f"vision.{k}": v
+                    for k, v in siglip_vision_sources(self.init_vision, self.config.vision).items()
+                }
+            )
+        if self.init_llm:
+            sources.update(
+                {
+                    f"llm.{k}": v
+                    for k, v in initial_sources(self.init_llm, self.config.llm, NON_STRUCTURAL).items()
+                }
+            )
+        return sources or None
+
+    def initial_weights_keep(self) -> tuple[str, ...]:
+        if self.init_from:
+            return ()
+        # pretrained parts replace their initialization; the others keep it
+        return tuple(f"{c}." for c in VLM_COMPONENTS)
+
+    def freeze(self, model: nn.Module) -> None:
+        for component in VLM_COMPONENTS:
+            train = component in self.trainable
+            for p in getattr(model, component).parameters():
+                p.requires_grad_(train)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(
+            batch["tokens"], batch.get("media"), batch.get("positions"), batch.get("document_ids")
+        )
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+        )

@@ -1,0 +1,1 @@
+"""VILA-style vision-language models (LongVILA): see the collection README."""
