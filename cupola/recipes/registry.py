@@ -49,10 +49,12 @@ def recipe(fn: RecipeFactory) -> RecipeFactory:
     return factory
 
 
-def catalog() -> dict[str, RecipeFactory]:
-    """Every registered recipe by name, sorted; imports the recipe modules on first use."""
+def catalog(collection: str | None = None) -> dict[str, RecipeFactory]:
+    """Every registered recipe by name, sorted; imports the recipe modules on first use.
+    ``collection`` (``"llm"``, ``"vlm"``, ...): only the recipes of ``cupola/recipes/<collection>.py``."""
     _import_recipe_modules()
-    return dict(sorted(_CATALOG.items()))
+    prefix = f"{NAMESPACE}.{collection}." if collection else ""
+    return {k: v for k, v in sorted(_CATALOG.items()) if _origin(v).startswith(prefix)}
 
 
 def get_recipe(name: str) -> RecipeFactory:

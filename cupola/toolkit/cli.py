@@ -40,8 +40,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "cupola.collections.llm.cli:configure_export",
     ),
     "eval": (
-        "evaluate a model: perplexity on text, multiple-choice accuracy on MMLU-format files",
+        "evaluate a model: perplexity, MMLU-format multiple choice; `cupola eval niah`: video needle-in-a-haystack",
         "cupola.collections.llm.eval_cli:configure",
+    ),
+    "vlm": (
+        "talk to a VLM run about a video or an image (cupola vlm chat)",
+        "cupola.collections.vlm.cli:configure",
     ),
     "upcycle": (
         "upcycle an HF dense checkpoint into an HF MoE checkpoint (offline)",

@@ -73,7 +73,7 @@ def tiny_hf_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_recipe_builds_and_validates_with_tiny_overrides(tmp_path: Path, tiny_hf_llama: Path) -> None:
-    recipes = catalog()
+    recipes = catalog("llm")
     assert {
         "gpt_tiny_pretrain",
         "llama3_8b_pretrain",

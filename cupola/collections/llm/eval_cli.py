@@ -9,6 +9,12 @@ from typing import Any
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "task",
+        nargs="?",
+        choices=["niah"],
+        help="niah: video needle-in-a-haystack on a VLM run (default: the LLM evaluations below)",
+    )
+    parser.add_argument(
         "--model",
         required=True,
         metavar="PATH",
@@ -38,11 +44,60 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="letter",
         help="score the answer letter ' A' (default, as the original MMLU harness) or ' <choice text>'",
     )
+    niah = parser.add_argument_group("video needle-in-a-haystack (cupola eval niah --model VLM_RUN)")
+    niah.add_argument("--video", metavar="MP4", help="the haystack video (default: a generated one)")
+    niah.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16], help="haystack frame counts")
+    niah.add_argument(
+        "--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]"
+    )
+    niah.add_argument("--needle", default="42", help="text drawn on the needle frame (default 42)")
+    niah.add_argument("--question", default="What number is written in the video?")
+    niah.add_argument("--answer", help="expected answer (default: the needle text)")
+    niah.add_argument("--out-dir", metavar="DIR", help="niah.json + niah_heatmap.png (default: MODEL/niah)")
     parser.add_argument("--out", metavar="JSON", help="write the results (and per-question records) here")
     parser.set_defaults(handler=_eval)
 
 
+def _niah(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from cupola.collections.vlm.generate import load_vlm
+    from cupola.collections.vlm.niah import NIAHConfig, run_niah, save_results
+    from cupola.toolkit.data.tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, run_config = load_vlm(args.model, device)
+    tokenizer = load_tokenizer(args.tokenizer or run_config.get("data", {}).get("tokenizer"))
+    cfg = NIAHConfig(
+        frame_counts=args.frames,
+        depths=args.depths,
+        needle=args.needle,
+        question=args.question,
+        answer=args.answer,
+    )
+    haystack = None
+    if args.video:
+        from cupola.toolkit.data.video import read_frames
+
+        haystack = read_frames(
+            args.video, num_frames=max(args.frames), size=(model.cfg.vision.image_size,) * 2
+        )
+    results = run_niah(model, tokenizer, cfg, haystack)
+    paths = save_results(results, args.out_dir or Path(args.model) / "niah")
+    print(f"cupola: NIAH exact match {100 * results['accuracy']:.1f}% over {len(results['cells'])} cells")
+    print(f"cupola: wrote {paths['json']} and {paths['heatmap']}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.task == "niah":
+        try:
+            return _niah(args)
+        except ValueError as e:
+            print(f"cupola: error: {e}", file=sys.stderr)
+            return 2
     if not args.perplexity and not args.mmlu:
         print(
             "cupola eval: error: nothing to evaluate; give --perplexity FILES and/or --mmlu DIR",

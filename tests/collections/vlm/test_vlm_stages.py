@@ -1,0 +1,153 @@
+"""The LongVILA stages chain end to end on CPU with the tiny VLM: each stage starts from the previous
+stage's checkpoint, frozen components come out bit-identical and trained ones change; the trained
+model answers through `cupola vlm chat` and runs the needle-in-a-haystack sweep with its heatmap."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cupola.collections.vlm.models.vila import VLM_COMPONENTS
+from cupola.recipes.registry import catalog
+from cupola.toolkit.testing import spawn
+from cupola.toolkit.training.checkpoint import latest_checkpoint, load_model_weights
+
+STAGES = ("align", "pretrain", "sft", "context_extension", "long_sft")
+
+
+def _shrink(recipe, out: Path, init_from: str | None, data_root: Path) -> object:
+    recipe.trainer.output_dir = str(out)
+    recipe.trainer.max_steps = 3
+    recipe.trainer.log_every_n_steps = 1
+    recipe.trainer.val_check_interval = None
+    recipe.trainer.checkpoint_every_n_steps = 3
+    recipe.optim.warmup_steps = 1
+    recipe.optim.lr = recipe.optim.min_lr = 1e-3
+    recipe.init_from = init_from
+    if "train_file" in recipe.data.__arguments__:
+        recipe.data.train_file = str(data_root / "train.jsonl")
+        recipe.data.val_file = None
+        recipe.data.micro_batch_size = 2
+        recipe.data.seq_len = 256  # 8 clips must fill at least two rows
+    else:  # the text stage
+        recipe.data.seq_len = 256
+        recipe.data.micro_batch_size = 2
+        recipe.data.val_fraction = 0.0
+    return recipe
+
+
+def _run_stage(rank: int, world: int, stage: str, out: str, init_from: str | None, data_root: str) -> None:
+    import fiddle as fdl
+
+    name = "vila_tiny_long_sft" if stage == "long_sft" else f"vila_tiny_{stage}"
+    fdl.build(_shrink(catalog("vlm")[name](), Path(out), init_from, Path(data_root)))()
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return {
+        k.removeprefix("model."): v
+        for k, v in load_model_weights(latest_checkpoint(run / "checkpoints")).items()
+    }
+
+
+def _changed(before: dict, after: dict, component: str) -> bool:
+    keys = [k for k in after if k.startswith(f"{component}.")]
+    assert keys, component
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from cupola.collections.vlm.data.synthetic import write_synthetic_video_dataset
+
+    root = tmp_path_factory.mktemp("vlm_stages")
+    data = write_synthetic_video_dataset(root / "data", num_videos=8, frames=16, size=32, seed=0)
+    runs, previous = {}, None
+    for stage in STAGES:
+        runs[stage] = root / stage
+        spawn(_run_stage, 1, stage, str(runs[stage]), previous, str(Path(data["root"])))
+        previous = str(runs[stage])
+    return runs
+
+
+def test_each_stage_trains_exactly_its_components(stage_runs):
+    """Stage k+1 starts from stage k: frozen components are bit-identical to stage k's, trained ones differ."""
+    trainable = {
+        "pretrain": {"projector", "llm"},
+        "sft": {"vision", "projector", "llm"},
+        "context_extension": {"llm"},
+        "long_sft": {"projector", "llm"},
+    }
+    for previous, stage in itertools.pairwise(STAGES):
+        before, after = _weights(stage_runs[previous]), _weights(stage_runs[stage])
+        assert before.keys() == after.keys()
+        for component in VLM_COMPONENTS:
+            assert _changed(before, after, component) == (component in trainable[stage]), (stage, component)
+        summary = json.loads((stage_runs[stage] / "summary.json").read_text())
+        assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+
+
+def test_context_extension_raised_the_rope_base(stage_runs):
+    from omegaconf import OmegaConf
+
+    sft = OmegaConf.load(stage_runs["sft"] / "config.yaml")
+    extended = OmegaConf.load(stage_runs["context_extension"] / "config.yaml")
+    assert extended.model.llm.rope_theta == 15.3e6 > sft.model.llm.rope_theta
+    assert extended.model.llm.max_seq_len == 4096
+
+
+def test_chat_and_needle_in_a_haystack_on_the_trained_model(stage_runs, capsys):
+    from cupola.toolkit.cli import main
+
+    run = stage_runs["long_sft"]
+    video = next((run.parent / "data").rglob("*.mp4"))
+    assert (
+        main(
+            [
+                "vlm",
+                "chat",
+                "--checkpoint",
+                str(run),
+                "--video",
+                str(video),
+                "--prompt",
+                "What colour is the shape?",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
+    answer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert isinstance(answer, str)
+    out = run / "niah_test"
+    assert (
+        main(
+            [
+                "eval",
+                "niah",
+                "--model",
+                str(run),
+                "--frames",
+                "2",
+                "4",
+                "--depths",
+                "0",
+                "0.5",
+                "1",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "niah.json").read_text())
+    assert len(results["cells"]) == 6 and {
+        c["needle_index"] for c in results["cells"] if c["frames"] == 4
+    } == {0, 2, 4}
+    assert (out / "niah_heatmap.png").stat().st_size > 1000
