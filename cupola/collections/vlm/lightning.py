@@ -26,7 +26,7 @@ from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource, TensorSource
 
-__all__ = ["VLMModule", "check_trainable", "vlm_checkpoint_sources"]
+__all__ = ["VLMModule", "check_trainable", "freeze_unused_vision", "vlm_checkpoint_sources"]
 
 
 def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
@@ -127,6 +127,7 @@ class VLMModule(ParallelModule):
             train = component in self.trainable
             for p in getattr(model, component).parameters():
                 p.requires_grad_(train)
+        freeze_unused_vision(model)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.model(
@@ -135,3 +136,16 @@ class VLMModule(ParallelModule):
         return F.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
         )
+
+
+def freeze_unused_vision(model: nn.Module) -> None:
+    """Freeze the vision layers past ``select_layer`` (and the post-layernorm unless the last layer is
+    selected): the forward never reaches them, so they would never get a gradient or optimizer state —
+    and a resumed run would look for state that was never saved. They stay in the checkpoint."""
+    vision = model.vision
+    run = vision.cfg.layers_run
+    for i, layer in enumerate(vision.layers):
+        if i >= run:
+            layer.requires_grad_(False)
+    if run < vision.cfg.n_layers:
+        vision.post_layernorm.requires_grad_(False)

@@ -151,3 +151,23 @@ def test_chat_and_needle_in_a_haystack_on_the_trained_model(stage_runs, capsys):
         c["needle_index"] for c in results["cells"] if c["frames"] == 4
     } == {0, 2, 4}
     assert (out / "niah_heatmap.png").stat().st_size > 1000
+
+
+def test_vision_layers_the_forward_never_reaches_are_frozen():
+    """select_layer=-2 leaves the last vision layer and the post-layernorm unused: they are frozen even
+    when the stage trains the vision tower, so no optimizer state is expected for them on resume."""
+    from cupola.collections.vlm.lightning import freeze_unused_vision
+    from cupola.collections.vlm.models import VILA, vila_config
+
+    model = VILA(vila_config("tiny"))
+    freeze_unused_vision(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        n for n, _ in model.named_parameters() if n.startswith(("vision.layers.1.", "vision.post_layernorm."))
+    }
+    media = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[256] + [259] * 8 + [65, 66]])
+    model(tokens, media).sum().backward()
+    assert all(
+        p.grad is not None for n, p in model.named_parameters() if n not in frozen and n.startswith("vision.")
+    )
