@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -13,6 +14,8 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
+
+from cupola.toolkit.training.checkpoint import checkpoint_step, latest_checkpoint
 
 TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 KERNEL = "python3"  # the kernel the notebooks name in their metadata
@@ -110,3 +113,38 @@ def test_upcycle_tiny_gpt(run_tutorial: RunTutorial):
     assert first[0] == pytest.approx(first[1], abs=1e-3), first
     assert "moe/load_imbalance" in stdout_of(nb, "router")
     assert "dense_continued" in stdout_of(nb, "compare") and "moe_upcycled" in stdout_of(nb, "compare")
+
+
+@pytest.mark.slow
+def test_tiny_vlm(run_tutorial: RunTutorial):
+    # two launches (align, then SFT from it), 4 steps each: checkpoints at steps 2 and 4
+    nb, out = run_tutorial("03_tiny_vlm.ipynb", 4)
+
+    for stage in ("align", "sft"):
+        summary = json.loads((out / stage / "summary.json").read_text())
+        assert summary["steps"] == 4, stage
+        assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["final_loss"]), summary
+        assert summary["final_val_loss"] is not None and math.isfinite(summary["final_val_loss"]), stage
+        assert checkpoint_step(latest_checkpoint(out / stage / "checkpoints")) == 4, stage
+        assert (out / stage / "loss_curve.png").read_bytes().startswith(b"\x89PNG"), stage
+
+    # align moved the projector only; SFT moved every component (the cell asserts it too)
+    frozen = stdout_of(nb, "frozen")
+    align, _, sft = frozen.partition("-> sft")
+    assert re.search(r"vision\s+0 of", align) and re.search(r"llm\s+0 of", align), frozen
+    assert not re.search(r"projector\s+0 of", align), frozen
+    assert not re.search(r"(vision|projector|llm)\s+0 of", sft), frozen
+
+    # one line per validation clip with a colour question: "<id>  true: <colour>  model: <repr of the answer>"
+    printed = re.findall(r"^(vid\d+)  true: (\w+)\s+model: (.+)$", stdout_of(nb, "chat"), re.M)
+    truth = {}
+    for line in (out / "data" / "val.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        turns = [t["value"].removeprefix("<video>\n") for t in record["conversations"]]
+        if record["media"][0]["type"] == "video" and "What colour is the shape?" in turns[0::2]:
+            truth[record["id"]] = turns[turns.index("What colour is the shape?") + 1]
+    assert truth and {clip: colour for clip, colour, _ in printed} == truth, printed
+
+    results = json.loads((out / "niah" / "niah.json").read_text())
+    assert len(results["cells"]) == 6
+    assert (out / "niah" / "niah_heatmap.png").read_bytes().startswith(b"\x89PNG")
