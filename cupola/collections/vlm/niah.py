@@ -25,7 +25,7 @@ import torch
 from cupola.collections.vlm.models.vila import VILA
 from cupola.toolkit.config import config_error
 
-__all__ = ["NIAHConfig", "render_needle", "run_niah", "synthetic_haystack", "write_heatmap"]
+__all__ = ["NIAHConfig", "render_needle", "run_niah", "save_results", "synthetic_haystack", "write_heatmap"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -160,7 +160,8 @@ def run_niah(
             k = round(float(depth) * F)
             video = torch.cat([base[:k], needle_1_P_D, base[k:]])
             logits = model.llm.forward_embeddings(model.embed(tokens, media_embeds_N_P_D=video))
-            predicted = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+            # argmax over the tokenizer's ids only (the embedding table may be larger, e.g. padded)
+            predicted = logits[0, len(prompt) - 1 : -1, : tokenizer.vocab_size].argmax(-1).tolist()
             hits = [p == a for p, a in zip(predicted, answer_ids)]
             cells.append(
                 {
