@@ -56,5 +56,7 @@ def test_tiny_vlm_bf16_on_one_gpu_trains_resumes_and_chats(tmp_path: Path) -> No
     model, _ = load_vlm(out, "cuda")
     video = next(Path(str(out) + "_data").rglob("*.mp4"))
     pixels, marker = media_pixels(model.cfg, video=video, num_frames=8)
-    answer = chat(model, load_tokenizer("byte"), "What colour is the shape?", pixels, marker, max_new_tokens=8)
+    answer = chat(
+        model, load_tokenizer("byte"), "What colour is the shape?", pixels, marker, max_new_tokens=8
+    )
     assert isinstance(answer, str)
