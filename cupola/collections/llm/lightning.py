@@ -53,18 +53,33 @@ def check_same_config(
 NON_STRUCTURAL = ("max_seq_len", "rope_theta", "rope_scaling", "init_std")
 
 
+def run_checkpoint(init_from: str) -> Path | None:
+    """The checkpoint folder ``init_from`` names (itself, or a run's newest), or None if it is neither."""
+    path = Path(init_from).expanduser()
+    return path if is_complete(path) else latest_checkpoint(path / "checkpoints") if path.is_dir() else None
+
+
+def checkpoint_sources(ckpt: Path) -> dict[str, SliceSource]:
+    """Every model weight of a cupola checkpoint, under the model's own names."""
+    weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
+    return {k: TensorSource(v) for k, v in weights.items()}
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of ``logits [B, T, V]`` against ``labels [B, T]``, ignoring -100."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def initial_sources(
     init_from: str, config: GPTConfig, ignore: tuple[str, ...] = ()
 ) -> dict[str, SliceSource]:
     """Lazy GPT weights from a cupola run/checkpoint folder or a Hugging Face Llama folder/cache id;
     the source's config must equal ``config`` except for the fields in ``ignore``."""
-    path = Path(init_from).expanduser()
-    ckpt = path if is_complete(path) else latest_checkpoint(path / "checkpoints") if path.is_dir() else None
+    ckpt = run_checkpoint(init_from)
     if ckpt is not None:
         saved = OmegaConf.to_container(OmegaConf.load(ckpt.parent.parent / "config.yaml"))["model"]
         check_same_config(init_from, from_dict(GPTConfig, saved), config, ignore)
-        weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
-        return {k: TensorSource(v) for k, v in weights.items()}
+        return checkpoint_sources(ckpt)
     folder = hub.resolve_checkpoint_dir(init_from)
     check_same_config(init_from, hf_llama_config_to_gpt(hub.read_config(folder)), config, ignore)
     return hf_llama_to_gpt_state_dict(safetensors_sources(folder), config)
@@ -114,6 +129,4 @@ class GPTModule(ParallelModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.model(batch["tokens"], batch.get("positions"), batch.get("document_ids"))
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return next_token_loss(logits, batch["labels"])

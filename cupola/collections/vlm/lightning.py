@@ -10,21 +10,24 @@ Weights come from, in order of precedence:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cupola.collections.llm.lightning import IGNORE_INDEX, NON_STRUCTURAL, initial_sources
+from cupola.collections.llm.lightning import (
+    NON_STRUCTURAL,
+    checkpoint_sources,
+    initial_sources,
+    next_token_loss,
+    run_checkpoint,
+)
 from cupola.collections.vlm.models.vila import VILA, VLM_COMPONENTS, VILAConfig
 from cupola.collections.vlm.parallelize import parallelize_vila
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.parallel.dims import ParallelDims
-from cupola.toolkit.training.checkpoint import is_complete, latest_checkpoint, load_model_weights
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
-from cupola.toolkit.training.weights import SliceSource, TensorSource
+from cupola.toolkit.training.weights import SliceSource
 
 __all__ = ["VLMModule", "check_trainable", "freeze_unused_vision", "vlm_checkpoint_sources"]
 
@@ -43,12 +46,8 @@ def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
 
 def vlm_checkpoint_sources(init_from: str) -> dict[str, SliceSource] | None:
     """Every weight of a cupola VLM run/checkpoint folder, or None if ``init_from`` is not one."""
-    path = Path(init_from).expanduser()
-    ckpt = path if is_complete(path) else latest_checkpoint(path / "checkpoints") if path.is_dir() else None
-    if ckpt is None:
-        return None
-    weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
-    return {k: TensorSource(v) for k, v in weights.items()}
+    ckpt = run_checkpoint(init_from)
+    return None if ckpt is None else checkpoint_sources(ckpt)
 
 
 class VLMModule(ParallelModule):
@@ -133,9 +132,7 @@ class VLMModule(ParallelModule):
         logits = self.model(
             batch["tokens"], batch.get("media"), batch.get("positions"), batch.get("document_ids")
         )
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return next_token_loss(logits, batch["labels"])
 
 
 def freeze_unused_vision(model: nn.Module) -> None:
