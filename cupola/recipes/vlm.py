@@ -3,6 +3,10 @@
     align (projector) -> pretrain (projector + LLM) -> sft (all) -> context_extension (LLM, long text,
     RoPE base raised) -> long_sft (projector + LLM, long videos)
 
+Context extension also comes as ``*_context_extension_lora`` (LongLoRA: adapters on the attention
+projections, embeddings and norms trained, the rest of the LLM frozen); its checkpoints keep the
+adapters and the next stage loads them merged (``init_from=runs/..._context_extension_lora``).
+
 Each stage names what it trains (``trainable``) and starts from the previous stage's run
 (``init_from``); the first takes pretrained parts (``init_vision`` = a SigLIP folder, ``init_llm`` =
 a Llama folder or a cupola GPT run). ``vila_tiny_*`` run on a CPU in minutes on the generated
@@ -23,6 +27,7 @@ from cupola.collections.vlm.data.datamodule import VLMDataModule
 from cupola.collections.vlm.models.vila import VILAConfig, vila_config
 from cupola.recipes.llm import as_config
 from cupola.recipes.registry import recipe
+from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
 
 STAGES = ("align", "pretrain", "sft", "context_extension", "long_sft")
@@ -66,6 +71,7 @@ def _tiny(
     model: VILAConfig,
     steps: int,
     lr: float,
+    lora: run.Config | None = None,
 ) -> run.Partial:
     return run.Partial(
         api.train,
@@ -87,6 +93,7 @@ def _tiny(
         parallel=run.Config(ParallelConfig),
         trainable=TRAINABLE[stage],
         init_from=init_from,
+        lora=lora,
     )
 
 
@@ -121,6 +128,18 @@ def vila_tiny_context_extension(output_dir: str = "runs/vila_tiny_context_extens
     base raised by LongVILA's schedule for a 4096 context; from the SFT run."""
     data = run.Config(PretrainDataModule, seq_len=2048, micro_batch_size=2, val_fraction=0.02)
     return _tiny("context_extension", output_dir, "runs/vila_tiny_sft", data, TINY_LONG, steps=40, lr=3e-4)
+
+
+@recipe
+def vila_tiny_context_extension_lora(
+    output_dir: str = "runs/vila_tiny_context_extension_lora",
+) -> run.Partial:
+    """Stage 4 on CPU, LongLoRA-style: LoRA (rank 8) on the LLM's attention projections, embeddings and
+    norms trained, the other LLM weights frozen. Continue with ``vila_tiny_long_sft init_from=<this run>``."""
+    base = vila_tiny_context_extension(output_dir)
+    base.lora = run.Config(LoRAConfig, rank=8, alpha=16.0)
+    base.optim.lr, base.optim.min_lr = 1e-3, 1e-4  # adapters start at zero: a larger step than full FT
+    return base
 
 
 @recipe
@@ -181,6 +200,7 @@ def _big(
         parallel=run.Config(ParallelConfig, activation_checkpointing=True, compile=True),
         trainable=TRAINABLE[stage],
         init_from=init_from,
+        lora=None,
     )
 
 
@@ -214,6 +234,16 @@ def vila_8b_context_extension(output_dir: str = "runs/vila_8b_context_extension"
     return _big(
         "context_extension", output_dir, "runs/vila_8b_sft", data, VILA_8B_LONG, lr=2e-5, gbs=32, steps=1000
     )
+
+
+@recipe
+def vila_8b_context_extension_lora(output_dir: str = "runs/vila_8b_context_extension_lora") -> run.Partial:
+    """Stage 4 as LongLoRA trains it: LoRA rank 8 / alpha 16 on q, k, v, o with embeddings and norms
+    trainable (arXiv 2309.12307; its learning rate 2e-5), the rest of the LLM frozen — optimizer state
+    for ~8% of the LLM instead of all of it. Continue with ``vila_8b_1024f_long_sft init_from=<this run>``."""
+    base = vila_8b_context_extension(output_dir)
+    base.lora = run.Config(LoRAConfig, rank=8, alpha=16.0)
+    return base
 
 
 @recipe

@@ -14,9 +14,10 @@ already finished are not run again (each run resumes from its own checkpoints).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
+
+from cupola.toolkit.training.logs import loss_curves
 
 STAGES = (
     ("dense", "gpt_tiny_pretrain"),
@@ -33,17 +34,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_demo)
 
 
-def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """train/val loss by optimizer step from a run's metrics.csv (Lightning's 0-based step + 1)."""
-    out: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
-    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            for key, name in (("train/loss", "train"), ("val/loss", "val")):
-                if row.get(key):
-                    out[name].append((int(row["step"]) + 1, float(row[key])))
-    return out
-
-
 def plot(runs: dict[str, Path], offset: int, out_png: Path) -> Path:
     import matplotlib
 
@@ -53,7 +43,7 @@ def plot(runs: dict[str, Path], offset: int, out_png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     colors = {"dense": "tab:gray", "dense_continued": "tab:blue", "moe_upcycled": "tab:red"}
     for name, run_dir in runs.items():
-        c = curves(run_dir)
+        c = loss_curves(run_dir)
         shift = 0 if name == "dense" else offset
         if c["train"]:
             steps, losses = zip(*c["train"], strict=True)

@@ -20,6 +20,7 @@ from cupola.collections.llm.models.gpt import (
 from cupola.collections.llm.upcycling import UpcycleConfig, upcycled_sources
 from cupola.toolkit import hub
 from cupola.toolkit.config import ConfigError, from_dict, to_dict
+from cupola.toolkit.modules.lora import merge_lora_weights
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.training.checkpoint import is_complete, latest_checkpoint, load_model_weights
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
@@ -60,8 +61,9 @@ def run_checkpoint(init_from: str) -> Path | None:
 
 
 def checkpoint_sources(ckpt: Path) -> dict[str, SliceSource]:
-    """Every model weight of a cupola checkpoint, under the model's own names."""
-    weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
+    """Every model weight of a cupola checkpoint, under the model's own names, LoRA adapters (if the
+    run trained any) merged into their base weights."""
+    weights = merge_lora_weights({k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()})
     return {k: TensorSource(v) for k, v in weights.items()}
 
 

@@ -9,6 +9,7 @@ from cupola.collections.llm.models.gpt import num_flops_per_token
 from cupola.collections.vlm.lightning import VLMModule, check_trainable
 from cupola.collections.vlm.models.vila import VILAConfig
 from cupola.toolkit.config import ConfigError, config_error, to_dict, validate
+from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
 from cupola.toolkit.training.fit import RunInfo, fit
 
@@ -49,6 +50,7 @@ def train(
     init_from: str | None = None,
     init_vision: str | None = None,
     init_llm: str | None = None,
+    lora: LoRAConfig | None = None,
 ) -> dict[str, Any]:
     """Train a VILA model on ``data`` (video/image conversations, or text for context extension);
     returns the run summary (also written to ``trainer.output_dir/summary.json``).
@@ -56,11 +58,14 @@ def train(
     ``trainable``: the components that learn (the others are frozen and provably unchanged).
     ``init_from``: the previous stage's run; ``init_vision`` / ``init_llm``: pretrained parts for the
     first stage (see :class:`~cupola.collections.vlm.lightning.VLMModule`).
+    ``lora``: train the LLM through low-rank adapters (LongLoRA: on the attention projections, with
+    embeddings and norms trained in full, every other LLM weight frozen); the run's checkpoints keep
+    the adapters, and the next stage, ``cupola vlm chat`` and NIAH load them merged.
     """
     parallel = parallel or ParallelConfig()
     validate(model)
     validate(optim)
-    trainable = check_trainable(trainable)
+    trainable = check_trainable(trainable, lora)
     if init_from and (init_vision or init_llm):
         raise ConfigError(
             "give either init_from= (a previous VLM stage) or init_vision=/init_llm= (pretrained parts), not both"
@@ -80,6 +85,7 @@ def train(
         init_from=init_from,
         init_vision=init_vision,
         init_llm=init_llm,
+        lora=lora,
     )
     run_config = {
         "model": to_dict(model),
@@ -91,6 +97,7 @@ def train(
         "init_from": init_from,
         "init_vision": init_vision,
         "init_llm": init_llm,
+        "lora": None if lora is None else to_dict(lora),
     }
     # MFU counts the LLM's FLOPs over the whole sequence (visual tokens included); the vision tower's
     # own FLOPs are left out, so VLM MFU is a lower bound.

@@ -21,6 +21,7 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu") -> tuple[VILA
 
     from cupola.collections.llm.api import resolve_run_checkpoint
     from cupola.toolkit.config import from_dict
+    from cupola.toolkit.modules.lora import merge_lora_weights
     from cupola.toolkit.training.checkpoint import load_model_weights
 
     ckpt = resolve_run_checkpoint(path)
@@ -29,7 +30,8 @@ def load_vlm(path: str | Path, device: str | torch.device = "cpu") -> tuple[VILA
         raise ValueError(f"{path} is not a cupola VLM run (its config.yaml has no VLM stage); give a VLM run")
     config = from_dict(VILAConfig, run_config["model"])
     model = VILA(config)
-    weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
+    # a LoRA stage's adapters are merged: the plain model computes what the adapted one did
+    weights = merge_lora_weights({k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()})
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), run_config
 

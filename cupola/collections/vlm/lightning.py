@@ -24,6 +24,7 @@ from cupola.collections.llm.lightning import (
 from cupola.collections.vlm.models.vila import VILA, VLM_COMPONENTS, VILAConfig
 from cupola.collections.vlm.parallelize import parallelize_vila
 from cupola.toolkit.config import ConfigError
+from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
@@ -32,8 +33,9 @@ from cupola.toolkit.training.weights import SliceSource
 __all__ = ["VLMModule", "check_trainable", "freeze_unused_vision", "vlm_checkpoint_sources"]
 
 
-def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
-    """The components to train, validated: a non-empty subset of ``vision``, ``projector``, ``llm``."""
+def check_trainable(trainable: Sequence[str], lora: LoRAConfig | None = None) -> tuple[str, ...]:
+    """The components to train, validated: a non-empty subset of ``vision``, ``projector``, ``llm``
+    (which must include ``llm`` when the LLM trains through LoRA adapters)."""
     trainable = tuple(trainable)
     unknown = [t for t in trainable if t not in VLM_COMPONENTS]
     if unknown or not trainable:
@@ -41,6 +43,13 @@ def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
             f"trainable={list(trainable)}: choose a non-empty subset of {list(VLM_COMPONENTS)} "
             "(align: [projector]; pretrain: [projector, llm]; sft: all three; context extension: [llm])"
         )
+    if lora is not None:
+        lora.validate()
+        if "llm" not in trainable:
+            raise ConfigError(
+                f"lora is set but trainable={list(trainable)} leaves the LLM frozen; LoRA adapts the LLM: "
+                "add 'llm' to trainable or drop lora"
+            )
     return trainable
 
 
@@ -63,14 +72,19 @@ class VLMModule(ParallelModule):
         init_from: str | None = None,
         init_vision: str | None = None,
         init_llm: str | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
         self.config = config
-        self.trainable = check_trainable(trainable)
+        self.trainable = check_trainable(trainable, lora)
         self.init_from, self.init_vision, self.init_llm = init_from, init_vision, init_llm
+        self.lora = lora
 
     def build_model(self) -> nn.Module:
-        return VILA(self.config)
+        model = VILA(self.config)
+        if self.lora is not None:
+            apply_lora(model.llm, self.lora)
+        return model
 
     def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
         p = self.parallel_cfg
@@ -85,6 +99,7 @@ class VLMModule(ParallelModule):
 
     def init_weights(self, model: nn.Module) -> None:
         model.init_weights()
+        init_lora(model)
 
     def initial_weights(self) -> Mapping[str, SliceSource] | None:
         if self.init_from:
@@ -126,6 +141,8 @@ class VLMModule(ParallelModule):
             train = component in self.trainable
             for p in getattr(model, component).parameters():
                 p.requires_grad_(train)
+        if self.lora is not None:  # the LLM learns through its adapters (+ embeddings and norms)
+            set_lora_trainable(model.llm, self.lora)
         freeze_unused_vision(model)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -227,6 +227,7 @@ def fit(
     start_step = checkpoint_step(resume_from) if resume_from else 0
 
     steps_run = trainer.global_step - start_step
+    counts = module.parameter_counts or (None, None)
     summary = {
         "output_dir": str(out),
         "steps": trainer.global_step,
@@ -243,6 +244,8 @@ def fit(
         "metrics_csv": str(out / "logs" / "metrics.csv"),
         "loss_curve_png": str(loss_curve.out_png),
         "world_size": trainer_cfg.world_size,
+        "parameters": counts[0],
+        "trainable_parameters": counts[1],
         "environment": environment(),
     }
     if steps_run == 0:

@@ -58,3 +58,15 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
         return self._experiment
+
+
+def loss_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(step, loss), ...], "val": [...]}`` from a run's ``logs/metrics.csv``, by optimizer
+    step (1-based: Lightning logs the 0-based step); a resumed run's log reads as one history."""
+    out: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    with open(Path(run_dir) / "logs" / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            for key, name in (("train/loss", "train"), ("val/loss", "val")):
+                if row.get(key):
+                    out[name].append((int(row["step"]) + 1, float(row[key])))
+    return out

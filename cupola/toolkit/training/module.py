@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from cupola.toolkit.modules.lora import is_lora_name
 from cupola.toolkit.modules.moe import moe_stats, set_moe_loss_scale
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.training.callbacks import global_mean, raise_non_finite
@@ -42,6 +43,7 @@ class ParallelModule(pl.LightningModule):
         self._micro_losses: list[float] = []
         self.last_grad_norm: float | None = None
         self.resuming = False  # set by fit(): the checkpoint's weights replace any initial weights
+        self.parameter_counts: tuple[int, int] | None = None  # (total, trainable), once built
 
     # What a model supplies -------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -90,8 +92,17 @@ class ParallelModule(pl.LightningModule):
             self.init_weights(model)
         sources = None if self.resuming else self.initial_weights()
         if sources is not None:
-            load_sources(model, sources, keep_prefixes=self.initial_weights_keep())
+            prefixes = self.initial_weights_keep()
+            # adapters are never in a starting checkpoint (those are merged): they start fresh
+            load_sources(model, sources, keep=lambda name: name.startswith(prefixes) or is_lora_name(name))
         self.freeze(model)  # before the optimizer and any forward: both see the final trainable set
+        self.parameter_counts = count_parameters(model)
+        if self.trainer.is_global_zero:
+            total, trainable = self.parameter_counts
+            print(
+                f"[cupola] parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)",
+                flush=True,
+            )
         # the router losses' gradients are injected inside the MoE blocks: scale them like the main loss
         set_moe_loss_scale(model, 1.0 / self.trainer.accumulate_grad_batches)
         self.model, self.dims = model, dims
@@ -135,6 +146,13 @@ class ParallelModule(pl.LightningModule):
         if not math.isfinite(self.last_grad_norm):
             raise_non_finite(self.trainer, "the gradient norm", self.last_grad_norm)
         self.log("train/grad_norm", self.last_grad_norm, rank_zero_only=True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts of ``model`` (global sizes of sharded parameters; a
+    tied parameter counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> float:

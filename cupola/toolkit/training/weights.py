@@ -169,18 +169,19 @@ class _SourceReader(StorageReader):
 
 
 def load_sources(
-    model: nn.Module, sources: Mapping[str, SliceSource], *, keep_prefixes: tuple[str, ...] = ()
+    model: nn.Module, sources: Mapping[str, SliceSource], *, keep: Callable[[str], bool] | None = None
 ) -> None:
     """Fill every parameter and buffer of ``model`` (plain, FSDP/TP/EP-sharded) from ``sources``.
 
     Strict: missing or unexpected names and shape mismatches are errors that name them — except
-    names under ``keep_prefixes`` that no source provides: those keep their current (initialized)
-    values (e.g. a new VLM projector when only the vision tower and the LLM come pretrained). Under
+    names for which ``keep(name)`` is true and that no source provides: those keep their current
+    (initialized) values (e.g. a new VLM projector when only the vision tower and the LLM come
+    pretrained, or fresh LoRA adapters on a pretrained model). Under
     torch.distributed every rank calls this; each reads only the slices its shards need.
     """
     state = get_model_state_dict(model)
-    if keep_prefixes:
-        state = {k: v for k, v in state.items() if k in sources or not k.startswith(keep_prefixes)}
+    if keep is not None:
+        state = {k: v for k, v in state.items() if k in sources or not keep(k)}
     missing, unexpected = sorted(set(state) - set(sources)), sorted(set(sources) - set(state))
     if missing or unexpected:
         raise KeyError(
@@ -195,4 +196,4 @@ def load_sources(
     with warnings.catch_warnings():  # one process, no process group: exactly the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=_SourceReader(sources))
-    set_model_state_dict(model, state, options=StateDictOptions(strict=not keep_prefixes))
+    set_model_state_dict(model, state, options=StateDictOptions(strict=keep is None))

@@ -20,12 +20,12 @@ from cupola.toolkit.training.checkpoint import latest_checkpoint, load_model_wei
 STAGES = ("align", "pretrain", "sft", "context_extension", "long_sft")
 
 
-def _shrink(recipe, out: Path, init_from: str | None, data_root: Path) -> object:
+def _shrink(recipe, out: Path, init_from: str | None, data_root: Path, steps: int = 3) -> object:
     recipe.trainer.output_dir = str(out)
-    recipe.trainer.max_steps = 3
+    recipe.trainer.max_steps = steps
     recipe.trainer.log_every_n_steps = 1
     recipe.trainer.val_check_interval = None
-    recipe.trainer.checkpoint_every_n_steps = 3
+    recipe.trainer.checkpoint_every_n_steps = min(steps, 2) if steps != 3 else 3
     recipe.optim.warmup_steps = 1
     recipe.optim.lr = recipe.optim.min_lr = 1e-3
     recipe.init_from = init_from
@@ -41,11 +41,13 @@ def _shrink(recipe, out: Path, init_from: str | None, data_root: Path) -> object
     return recipe
 
 
-def _run_stage(rank: int, world: int, stage: str, out: str, init_from: str | None, data_root: str) -> None:
+def _run_stage(
+    rank: int, world: int, stage: str, out: str, init_from: str | None, data_root: str, steps: int = 3
+) -> None:
     import fiddle as fdl
 
-    name = "vila_tiny_long_sft" if stage == "long_sft" else f"vila_tiny_{stage}"
-    fdl.build(_shrink(catalog("vlm")[name](), Path(out), init_from, Path(data_root)))()
+    name = f"vila_tiny_{stage.removesuffix('_after_lora')}"
+    fdl.build(_shrink(catalog("vlm")[name](), Path(out), init_from, Path(data_root), steps))()
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -72,6 +74,13 @@ def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         runs[stage] = root / stage
         spawn(_run_stage, 1, stage, str(runs[stage]), previous, str(Path(data["root"])))
         previous = str(runs[stage])
+    # the LongLoRA branch: stage 4 with adapters, then stage 5 from it
+    for stage, init_from in (
+        ("context_extension_lora", "sft"),
+        ("long_sft_after_lora", "context_extension_lora"),
+    ):
+        runs[stage] = root / stage
+        spawn(_run_stage, 1, stage, str(runs[stage]), str(runs[init_from]), str(Path(data["root"])))
     return runs
 
 
@@ -90,6 +99,69 @@ def test_each_stage_trains_exactly_its_components(stage_runs):
             assert _changed(before, after, component) == (component in trainable[stage]), (stage, component)
         summary = json.loads((stage_runs[stage] / "summary.json").read_text())
         assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
+
+
+def test_lora_context_extension_trains_adapters_embeddings_and_norms_only(stage_runs):
+    """The LongLoRA stage's checkpoint holds the adapters; every other LLM weight (and the vision
+    tower and projector) is bit-identical to the SFT stage's, embeddings and norms have trained."""
+    sft, lora = _weights(stage_runs["sft"]), _weights(stage_runs["context_extension_lora"])
+    adapters = sorted(k for k in lora if "lora_" in k)
+    n_layers = 2 * 4  # tiny LLM layers x (wq, wk, wv, wo)
+    assert len(adapters) == 3 * n_layers and set(lora) - set(adapters) == set(sft)
+    assert all(lora[k].abs().sum() > 0 for k in adapters if k.endswith(".lora_b"))  # B left zero: trained
+    for name, before in sft.items():
+        trains = name.startswith("llm.") and (
+            name.startswith("llm.tok_embeddings.") or "norm." in name or name == "llm.norm.weight"
+        )
+        assert torch.equal(before, lora[name]) != trains, name
+    summary = json.loads((stage_runs["context_extension_lora"] / "summary.json").read_text())
+    learned = [
+        k
+        for k in lora
+        if k.endswith((".lora_a", ".lora_b")) or (k in sft and not torch.equal(sft[k], lora[k]))
+    ]
+    assert summary["trainable_parameters"] == sum(lora[k].numel() for k in learned)
+    assert summary["parameters"] == sum(v.numel() for k, v in lora.items() if not k.endswith(".lora_scale"))
+
+
+def test_the_stage_after_lora_starts_from_the_merged_weights(stage_runs):
+    """What loads a LoRA run (the next stage, chat, NIAH) gets a plain model computing exactly what the
+    adapted model computed; the next stage trains from it."""
+    from cupola.collections.vlm.generate import load_vlm
+    from cupola.collections.vlm.models import VILA
+    from cupola.toolkit.modules.lora import LoRAConfig, apply_lora
+
+    run = stage_runs["context_extension_lora"]
+    merged, run_config = load_vlm(run)
+    assert run_config["lora"]["rank"] == 8 and run_config["trainable"] == ["llm"]
+    adapted = VILA(merged.cfg)
+    apply_lora(adapted.llm, LoRAConfig(**run_config["lora"]))
+    adapted.load_state_dict(_weights(run), strict=True)
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), adapted.eval()(tokens), rtol=1e-5, atol=1e-5)
+    after = json.loads((stage_runs["long_sft_after_lora"] / "summary.json").read_text())
+    assert after["steps"] == 3 and math.isfinite(after["final_loss"])
+    assert not any("lora_" in k for k in _weights(stage_runs["long_sft_after_lora"]))
+
+
+def test_an_interrupted_lora_stage_resumes_exactly(stage_runs, tmp_path):
+    """Adapters, their scale and the optimizer state of the trainable subset come back on resume: 2 + 2
+    steps give the losses and weights of 4 uninterrupted steps."""
+    from cupola.toolkit.training.logs import loss_curves
+
+    data = str(stage_runs["sft"].parent / "data")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    spawn(_run_stage, 1, "context_extension_lora", str(whole), str(stage_runs["sft"]), data, 4)
+    spawn(_run_stage, 1, "context_extension_lora", str(parts), str(stage_runs["sft"]), data, 2)
+    spawn(_run_stage, 1, "context_extension_lora", str(parts), str(stage_runs["sft"]), data, 4)
+    summary = json.loads((parts / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_00000002") and summary["steps_this_run"] == 2
+    assert (
+        loss_curves(parts)["train"] == loss_curves(whole)["train"] and len(loss_curves(whole)["train"]) == 4
+    )
+    a, b = _weights(whole), _weights(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_context_extension_raised_the_rope_base(stage_runs):

@@ -6,7 +6,6 @@ leaks between runs or into other tests. Crashes are real: the process dies with 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch.multiprocessing import ProcessExitedException
 
 from cupola.toolkit.testing import spawn
 from cupola.toolkit.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from cupola.toolkit.training.logs import loss_curves
 
 STEPS = 8
 
@@ -76,13 +76,8 @@ def run(out: Path, cache: Path, crash_at_step: int = 0, crash_in_save: int = 0, 
 
 
 def losses(out: Path) -> dict[int, float]:
-    """Step → train loss from the CSV log; a resumed run's rows replace the crashed run's."""
-    by_step: dict[int, float] = {}
-    with open(out / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                by_step[int(row["step"])] = float(row["train/loss"])
-    return by_step
+    """Step → train loss; a resumed run's rows replace the crashed run's."""
+    return dict(loss_curves(out)["train"])
 
 
 @pytest.fixture(scope="module")
