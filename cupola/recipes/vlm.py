@@ -240,7 +240,7 @@ def vila_8b_context_extension(output_dir: str = "runs/vila_8b_context_extension"
 def vila_8b_context_extension_lora(output_dir: str = "runs/vila_8b_context_extension_lora") -> run.Partial:
     """Stage 4 as LongLoRA trains it: LoRA rank 8 / alpha 16 on q, k, v, o with embeddings and norms
     trainable (arXiv 2309.12307; its learning rate 2e-5), the rest of the LLM frozen — optimizer state
-    for ~8% of the LLM instead of all of it. Continue with ``vila_8b_1024f_long_sft init_from=<this run>``."""
+    for 6.6% of the LLM (mostly the embedding table) instead of all of it. Continue with ``vila_8b_1024f_long_sft init_from=<this run>``."""
     base = vila_8b_context_extension(output_dir)
     base.lora = run.Config(LoRAConfig, rank=8, alpha=16.0)
     return base
