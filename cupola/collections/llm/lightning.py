@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
@@ -22,6 +23,7 @@ from cupola.toolkit import hub
 from cupola.toolkit.config import ConfigError, from_dict, to_dict
 from cupola.toolkit.modules.lora import merge_lora_weights
 from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.sequence import SequenceParallel
 from cupola.toolkit.training.checkpoint import is_complete, latest_checkpoint, load_model_weights
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
@@ -67,9 +69,23 @@ def checkpoint_sources(ckpt: Path) -> dict[str, SliceSource]:
     return {k: TensorSource(v) for k, v in weights.items()}
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (fp32) of ``logits [B, T, V]`` against ``labels [B, T]``, ignoring -100."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, sp: SequenceParallel | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy (fp32, or float64) of ``logits [B, T, V]`` against ``labels [B, T]``, ignoring -100.
+
+    Under sequence parallelism (``sp``: each rank holds part of every sequence) the mean is over the
+    whole sequences' labels, scaled by the SP degree: FSDP averages gradients over the SP ranks too,
+    so the averaged gradient is exactly that of the whole-sequence mean.
+    """
+    flat_logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
+    flat_labels = labels.flatten()
+    if sp is None or sp.sp_group is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (flat_labels != IGNORE_INDEX).sum()
+    dist.all_reduce(count, group=sp.sp_group)
+    return total * sp.layout.size / count.clamp(min=1)
 
 
 def initial_sources(
@@ -130,5 +146,6 @@ class GPTModule(ParallelModule):
         return upcycled_sources(initial_sources(self.init_from, dense_cfg), dense_cfg, self.upcycle)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = self.shard_sequences(batch)
         logits = self.model(batch["tokens"], batch.get("positions"), batch.get("document_ids"))
-        return next_token_loss(logits, batch["labels"])
+        return next_token_loss(logits, batch["labels"], self.sp)

@@ -103,6 +103,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        # Sequence parallelism (set by parallelize functions): a SequenceParallel whose attention
+        # sees the whole sequence while this rank holds a part of it; None for local attention.
+        self.sp = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv, self.wo):
@@ -118,11 +121,14 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``rope``: ``(cos, sin)`` looked up for the positions of ``x`` (see ``RotaryEmbedding``), or None.
         ``mask``: boolean ``[B, 1, T, T]`` (True = may attend), replacing the causal rule, e.g.
         :func:`document_causal_mask` for packed samples. ``kv_cache``: attend to the cached tokens
-        too (``x`` continues them; causal), storing this call's keys/values in slot ``layer``."""
+        too (``x`` continues them; causal), storing this call's keys/values in slot ``layer``.
+        Under sequence parallelism (``self.sp``), ``x`` is this rank's part of the sequence and
+        ``document_ids`` (this rank's tokens' ids) replaces ``mask`` for packed samples."""
         B, T, _ = x_B_T_C.shape
         q = self.wq(x_B_T_C).view(B, T, -1, self.head_dim)  # local heads under TP
         k = self.wk(x_B_T_C).view(B, T, -1, self.head_dim)
@@ -131,6 +137,11 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_B_H_T_D, k_B_H_T_D, v_B_H_T_D = (t.transpose(1, 2) for t in (q, k, v))
+        if self.sp is not None and kv_cache is None:
+            out_B_H_T_D = self.sp.attention(
+                q_B_H_T_D, k_B_H_T_D, v_B_H_T_D, causal=self.causal, document_ids_B_T=document_ids
+            )
+            return self.wo(out_B_H_T_D.transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             past = kv_cache.length
             k_B_H_T_D, v_B_H_T_D = kv_cache.update(layer, k_B_H_T_D, v_B_H_T_D)

@@ -7,9 +7,14 @@ of one data-parallel rank see the same batch. FSDP shards parameters over
 its ranks from ``dp_shard × sp``: with ``ep > 1`` the ``dp_shard`` dimension is split into
 ``dp_shard_mod_ep × dp_shard_in_ep`` and ``ep = dp_shard_in_ep × sp``.
 
+Sequence parallelism is a grid ``sp = sp_ring × sp_ulysses`` (Ulysses innermost, so its
+all-to-alls stay within a node; see :mod:`cupola.toolkit.parallel.sequence`): ``sp_ulysses=-1``
+(default) makes it all Ulysses, ``sp_ulysses=1`` all ring; ``sp_zigzag`` orders the ring's chunks
+for causal load balance.
+
 Mesh dimension names (always present, size 1 when unused): ``dp_replicate``, ``dp_shard``,
-``sp``, ``tp``; flattened: ``dp`` (data loading), ``dp_shard_sp`` (FSDP), ``dp_sp``
-(loss averaging); with ``ep > 1`` also ``ep`` and ``dp_shard_mod_ep``.
+``sp_ring``, ``sp_ulysses``, ``tp``; flattened: ``sp``, ``dp`` (data loading), ``dp_shard_sp``
+(FSDP), ``dp_sp`` (loss averaging); with ``ep > 1`` also ``ep`` and ``dp_shard_mod_ep``.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ class ParallelDims:
     sp: int = 1
     tp: int = 1
     ep: int = 1
+    sp_ulysses: int = -1  # -1: all of sp
+    sp_zigzag: bool = True
     world_size: int = 0  # 0: from torch.distributed, else $WORLD_SIZE, else 1
     _mesh: DeviceMesh | None = field(default=None, repr=False, compare=False)
     _flat: dict[str, DeviceMesh] = field(default_factory=dict, repr=False, compare=False)
+    _sp: object = field(default=None, repr=False, compare=False)
 
     def validate(self) -> None:
         if self.world_size == 0:
@@ -68,6 +76,13 @@ class ParallelDims:
                 f"= {product}, but the world size is {self.world_size}; the product must equal the number of "
                 "processes (set dp_shard=-1 to fill it)"
             )
+        if self.sp_ulysses == -1:
+            self.sp_ulysses = self.sp
+        if not isinstance(self.sp_ulysses, int) or self.sp_ulysses < 1 or self.sp % self.sp_ulysses:
+            raise ConfigError(
+                f"ParallelDims.sp_ulysses={self.sp_ulysses!r} is not valid: must divide sp={self.sp} "
+                "(sp = sp_ring * sp_ulysses; -1 for all Ulysses, 1 for all ring)"
+            )
         if self.ep > 1:
             if self.ep % self.sp or (self.dp_shard * self.sp) % self.ep:
                 raise ConfigError(
@@ -94,6 +109,30 @@ class ParallelDims:
         return self.sp > 1
 
     @property
+    def sp_ring(self) -> int:
+        return self.sp // self.sp_ulysses
+
+    @property
+    def sp_layout(self):
+        """The :class:`~cupola.toolkit.parallel.sequence.SPLayout` of the ``sp`` ranks."""
+        from cupola.toolkit.parallel.sequence import SPLayout
+
+        return SPLayout(ring=self.sp_ring, ulysses=self.sp_ulysses, zigzag=self.sp_zigzag)
+
+    def sequence_parallel(self):
+        """This rank's :class:`~cupola.toolkit.parallel.sequence.SequenceParallel` (build the mesh first)."""
+        from cupola.toolkit.parallel.sequence import SequenceParallel
+
+        if self._sp is None:
+            self._sp = SequenceParallel(
+                layout=self.sp_layout,
+                sp_group=self.submesh("sp").get_group() if self.sp > 1 else None,
+                ring_group=self.mesh["sp_ring"].get_group() if self.sp_ring > 1 else None,
+                ulysses_group=self.mesh["sp_ulysses"].get_group() if self.sp_ulysses > 1 else None,
+            )
+        return self._sp
+
+    @property
     def ep_enabled(self) -> bool:
         return self.ep > 1
 
@@ -114,21 +153,23 @@ class ParallelDims:
         self.validate()
         if self.ep > 1:
             in_ep = self.ep // self.sp
-            names = ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "sp", "tp")
-            shape = (self.dp_replicate, self.dp_shard // in_ep, in_ep, self.sp, self.tp)
+            names = ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "sp_ring", "sp_ulysses", "tp")
+            shape = (self.dp_replicate, self.dp_shard // in_ep, in_ep, self.sp_ring, self.sp_ulysses, self.tp)
         else:
-            names = ("dp_replicate", "dp_shard", "sp", "tp")
-            shape = (self.dp_replicate, self.dp_shard, self.sp, self.tp)
+            names = ("dp_replicate", "dp_shard", "sp_ring", "sp_ulysses", "tp")
+            shape = (self.dp_replicate, self.dp_shard, self.sp_ring, self.sp_ulysses, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         shard = ("dp_shard_mod_ep", "dp_shard_in_ep") if self.ep > 1 else ("dp_shard",)
         # Flattened meshes are kept here: slicing them from the root mesh is deprecated.
+        sp = ("sp_ring", "sp_ulysses")
         flat = {
+            "sp": sp,
             "dp": ("dp_replicate", *shard),
-            "dp_shard_sp": (*shard, "sp"),
-            "dp_sp": ("dp_replicate", *shard, "sp"),
+            "dp_shard_sp": (*shard, *sp),
+            "dp_sp": ("dp_replicate", *shard, *sp),
         }
         if self.ep > 1:
-            flat |= {"dp_shard": shard, "ep": ("dp_shard_in_ep", "sp")}
+            flat |= {"dp_shard": shard, "ep": ("dp_shard_in_ep", *sp)}
         self._flat = {name: mesh[dims]._flatten(name) for name, dims in flat.items()}
         self._mesh = mesh
         return mesh

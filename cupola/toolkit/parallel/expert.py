@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.modules.moe import Experts, MoE
+from cupola.toolkit.parallel.collectives import all_to_all
 
 __all__ = ["apply_ep", "regroup_permutation"]
 
@@ -47,11 +47,6 @@ def regroup_permutation(counts_R_L: torch.Tensor, total: int) -> torch.Tensor:
         new_starts, seg_counts, output_size=total
     )
     return torch.repeat_interleave(seg_starts, seg_counts, output_size=total) + offset_in_seg
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Rows of ``x`` sent in ``in_splits`` chunks, ``out_splits`` received; differentiable, traceable."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
 class _Dispatch:
@@ -72,7 +67,7 @@ def _dispatch(mesh: DeviceMesh, experts: Experts, args: tuple) -> tuple[torch.Te
     recv_R_L = recv_counts.view(ep, local)  # [source rank, local expert]
     splits = torch.stack([counts_E.view(ep, local).sum(1), recv_R_L.sum(1)]).tolist()  # one host sync
     in_splits, out_splits = splits
-    x_recv = _all_to_all(x_M_C, out_splits, in_splits, group)
+    x_recv = all_to_all(x_M_C, out_splits, in_splits, group)
     perm = regroup_permutation(recv_R_L, sum(out_splits))
     experts._ep_dispatch = _Dispatch(in_splits, out_splits, perm)
     return x_recv[perm], recv_R_L.sum(0)
@@ -82,7 +77,7 @@ def _combine(mesh: DeviceMesh, experts: Experts, y_local: torch.Tensor) -> torch
     d: _Dispatch = experts._ep_dispatch
     experts._ep_dispatch = None
     y_recv = y_local.new_zeros(y_local.shape).index_put((d.perm,), y_local)  # back to (rank, expert) order
-    return _all_to_all(y_recv, d.in_splits, d.out_splits, mesh.get_group())
+    return all_to_all(y_recv, d.in_splits, d.out_splits, mesh.get_group())
 
 
 def apply_ep(moe: MoE, ep_mesh: DeviceMesh) -> None:

@@ -99,6 +99,8 @@ class ParallelConfig:
     dp_shard: int = -1
     tp: int = 1
     sp: int = 1
+    sp_ulysses: int = -1  # Ulysses part of sp (-1: all of it; 1: pure ring); the rest is ring
+    sp_zigzag: bool = True  # zigzag ring order (causal load balance)
     ep: int = 1
     activation_checkpointing: bool = False
     compile: bool = False

@@ -157,6 +157,13 @@ def fit(
     dims = module.make_dims()
     dims.world_size = trainer_cfg.world_size
     dims.validate()
+    if dims.sp_enabled and info.seq_len % dims.sp_layout.multiple:
+        layout = dims.sp_layout
+        raise ConfigError(
+            f"data.seq_len={info.seq_len} does not split over parallel.sp={dims.sp} (sp_ring={layout.ring}, "
+            f"sp_ulysses={layout.ulysses}{', zigzag' if layout.zigzag and layout.ring > 1 else ''}): it must be "
+            f"a multiple of {layout.multiple}"
+        )
     data.dp_rank, data.dp_size = dims.dp_coordinate(rank), dims.dp
     accumulate = trainer_cfg.accumulate_grad_batches(info.micro_batch_size, dims.dp)
 

@@ -38,6 +38,7 @@ class ParallelModule(pl.LightningModule):
         self.max_steps = max_steps
         self.model: nn.Module | None = None
         self.dims: ParallelDims | None = None
+        self.sp = None  # this rank's SequenceParallel when parallel.sp > 1
         self.last_step_loss: float | None = None
         self.last_micro_loss: float | None = None
         self._micro_losses: list[float] = []
@@ -77,7 +78,15 @@ class ParallelModule(pl.LightningModule):
 
     def make_dims(self) -> ParallelDims:
         p = self.parallel_cfg
-        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, sp=p.sp, ep=p.ep)
+        return ParallelDims(
+            dp_replicate=p.dp_replicate,
+            dp_shard=p.dp_shard,
+            tp=p.tp,
+            sp=p.sp,
+            ep=p.ep,
+            sp_ulysses=p.sp_ulysses,
+            sp_zigzag=p.sp_zigzag,
+        )
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning calls this again for validate/test after fit
@@ -106,8 +115,18 @@ class ParallelModule(pl.LightningModule):
         # the router losses' gradients are injected inside the MoE blocks: scale them like the main loss
         set_moe_loss_scale(model, 1.0 / self.trainer.accumulate_grad_batches)
         self.model, self.dims = model, dims
+        self.sp = dims.sequence_parallel() if dims.sp_enabled else None
 
     # Training ----------------------------------------------------------------------------
+    SEQUENCE_KEYS = ("tokens", "labels", "positions", "document_ids")
+
+    def shard_sequences(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under sequence parallelism, this rank's part (``[B, T/sp]``) of each per-token tensor of a
+        batch of whole sequences (every SP rank loads the same rows); the batch as is otherwise."""
+        if self.sp is None:
+            return batch
+        return {k: self.sp.shard(v) if k in self.SEQUENCE_KEYS else v for k, v in batch.items()}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.last_micro_loss = float(global_mean(loss))  # all ranks agree, so the NaN guard can stop all

@@ -234,9 +234,15 @@ class TransformerBlock(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = x_B_T_C + self.attention(
-            self.attention_norm(x_B_T_C), rope, mask=mask, kv_cache=kv_cache, layer=self.layer_id
+            self.attention_norm(x_B_T_C),
+            rope,
+            mask=mask,
+            kv_cache=kv_cache,
+            layer=self.layer_id,
+            document_ids=document_ids,
         )
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -259,6 +265,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
         self.norm = build_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.sp = None  # a SequenceParallel once parallelize_gpt applies sequence parallelism
         self._tie()
         if self.tok_embeddings.weight.device.type != "meta":
             self.init_weights()
@@ -304,20 +311,32 @@ class GPT(nn.Module):
         samples), causal within each document only (:func:`document_causal_mask`). With
         ``kv_cache`` (:meth:`new_kv_cache`) the tokens continue the cached ones: positions default
         to ``length..length+T-1`` and the cache advances by ``T``.
+
+        Under sequence parallelism (``self.sp``, set by ``parallelize_gpt``) every input is this
+        rank's part of the sequence (``SequenceParallel.shard``) and so is the output; positions
+        default to the global indices of the tokens this rank holds.
         """
-        T = h_B_T_C.shape[1]
+        B, T = h_B_T_C.shape[:2]
+        sp = self.sp if kv_cache is None else None
         if kv_cache is not None and positions_B_T is None:
             start = kv_cache.length
-            positions_B_T = torch.arange(start, start + T, device=h_B_T_C.device).expand(h_B_T_C.shape[0], T)
+            positions_B_T = torch.arange(start, start + T, device=h_B_T_C.device).expand(B, T)
+        if sp is not None and positions_B_T is None:
+            positions_B_T = sp.positions(T * sp.layout.size, h_B_T_C.device).expand(B, T)
         rope = self.rope(T, positions_B_T)
-        mask = None if document_ids_B_T is None else document_causal_mask(document_ids_B_T)
+        if sp is not None:  # the SP attention masks documents itself, never a dense T x T mask
+            mask, documents = None, document_ids_B_T
+        else:
+            mask = None if document_ids_B_T is None else document_causal_mask(document_ids_B_T)
+            documents = None
         h = h_B_T_C
         for layer in self.layers.values():
-            h = (
-                layer(h, rope, mask=mask, kv_cache=kv_cache)
-                if kv_cache is not None
-                else layer(h, rope, mask=mask)
-            )
+            if kv_cache is not None:
+                h = layer(h, rope, mask=mask, kv_cache=kv_cache)
+            elif documents is not None:
+                h = layer(h, rope, document_ids=documents)
+            else:
+                h = layer(h, rope, mask=mask)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.output(self.norm(h))

@@ -38,7 +38,15 @@ try:  # public since torch 2.6
 except ImportError:  # pragma: no cover - torch < 2.6
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
-__all__ = ["apply_ac", "apply_compile", "apply_fsdp", "apply_tp", "apply_tp_to_block", "parallelize_gpt"]
+__all__ = [
+    "apply_ac",
+    "apply_compile",
+    "apply_fsdp",
+    "apply_sp",
+    "apply_tp",
+    "apply_tp_to_block",
+    "parallelize_gpt",
+]
 
 
 def parallelize_gpt(
@@ -59,6 +67,13 @@ def parallelize_gpt(
                 "parallel.ep (expert parallelism) and the rest with FSDP (parallel.dp_shard)"
             )
         apply_tp(model, dims.submesh("tp"))
+    if dims.sp_enabled:
+        if dims.tp_enabled or moe:
+            raise ConfigError(
+                f"parallel.sp={dims.sp} with {'tp > 1' if dims.tp_enabled else 'a Mixture-of-Experts model'} "
+                "is not supported yet; use sequence parallelism with data parallelism (dp_shard/dp_replicate)"
+            )
+        apply_sp(model, dims.sequence_parallel())
     if dims.ep_enabled:
         if not moe:
             raise ConfigError("parallel.ep > 1 needs a Mixture-of-Experts model (model.moe is not set)")
@@ -176,10 +191,20 @@ def apply_ac(model: GPT) -> None:
         model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
+def apply_sp(model: GPT, sp) -> None:
+    """Sequence parallelism: every attention layer attends over the whole sequence through ``sp``
+    (a :class:`~cupola.toolkit.parallel.sequence.SequenceParallel`) while each rank holds its part."""
+    model.sp = sp
+    for block in model.layers.values():
+        block.attention.sp = sp
+
+
 def apply_compile(model: GPT) -> None:
-    """``torch.compile`` each block separately (the blocks are identical, so they share one graph)."""
+    """``torch.compile`` each block separately (the blocks are identical, so they share one graph).
+    Under sequence parallelism the attention's communication stays outside the graphs."""
+    fullgraph = model.sp is None
     for name, block in list(model.layers.items()):
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
 
 
 def apply_fsdp(
