@@ -26,6 +26,7 @@ from cupola.collections.vlm.parallelize import parallelize_vila
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.sequence.multimodal import media_share
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource
@@ -146,10 +147,13 @@ class VLMModule(ParallelModule):
         freeze_unused_vision(model)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(
-            batch["tokens"], batch.get("media"), batch.get("positions"), batch.get("document_ids")
-        )
-        return next_token_loss(logits, batch["labels"])
+        media, labels = batch.get("media"), batch["labels"]
+        if self.sp is not None:  # MM-SP: this rank encodes its share of the frames, scores its tokens
+            if media is not None:
+                media = media[media_share(media.shape[0], self.sp.layout.size, self.sp.rank)]
+            labels = self.sp.shard(labels)
+        logits = self.model(batch["tokens"], media, batch.get("positions"), batch.get("document_ids"))
+        return next_token_loss(logits, labels, self.sp)
 
 
 def freeze_unused_vision(model: nn.Module) -> None:

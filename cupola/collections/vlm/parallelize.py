@@ -3,17 +3,21 @@ checkpointing, per-block compile), then FSDP2 per LLM block and per vision layer
 (embeddings, projector, final norm, output) in the root unit — or, on one process without
 activation checkpointing, single-process mixed precision (no FSDP2), as for the GPT.
 
-Tensor, sequence and expert parallelism for the VLM come with multi-modal sequence parallelism.
+With ``parallel.sp > 1`` (multi-modal sequence parallelism) the LLM's attention runs over the SP
+ranks and :meth:`VILA.forward` shards each batch in two stages (frames for the tower, then the
+sequence). Tensor and expert parallelism are not supported for the VLM.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from cupola.collections.llm.models.gpt.parallelize import (
     MixedPrecisionPolicy,
     apply_ac,
     apply_compile,
+    apply_sp,
     fully_shard,
 )
 from cupola.collections.vlm.models.vila import VILA
@@ -34,12 +38,14 @@ def parallelize_vila(
     compile: bool = False,
 ) -> VILA:
     """Shard ``model`` in place over ``dims`` (whose mesh must be built) and return it."""
-    for name, degree in (("tp", dims.tp), ("sp", dims.sp), ("ep", dims.ep)):
+    for name, degree in (("tp", dims.tp), ("ep", dims.ep)):
         if degree > 1:
             raise ConfigError(
                 f"parallel.{name}={degree} is not supported for the VLM yet; train it with data parallelism "
-                "(parallel.dp_shard / dp_replicate); sequence parallelism arrives with MM-SP"
+                "(parallel.dp_shard / dp_replicate) and sequence parallelism (parallel.sp)"
             )
+    if dims.sp_enabled:  # MM-SP: the LLM's attention over SP ranks; frames shared out in VILA.forward
+        apply_sp(model.llm, dims.sequence_parallel())
     if activation_checkpointing:
         apply_ac(model.llm)
     if compile:
@@ -48,6 +54,7 @@ def parallelize_vila(
         if param_dtype != torch.float32:
             apply_mixed_precision(model, param_dtype)
         return model
+    model.encoder_group = dist.group.WORLD  # every rank runs the sharded tower together
     mesh = dims.submesh("dp_shard_sp") if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_sp"]
     block_mp = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False

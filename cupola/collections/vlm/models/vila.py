@@ -17,12 +17,14 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cupola.collections.llm.models.gpt import GPT, GPTConfig, gpt_config
 from cupola.collections.vlm.models.projector import MLPDownsampleProjector
 from cupola.collections.vlm.models.vision import VisionConfig, VisionTower, vision_config
 from cupola.toolkit.config import ConfigError, config_error, suggest
+from cupola.toolkit.parallel.sequence.multimodal import media_share, route_media_embeddings
 
 __all__ = ["VILA", "VILA_FLAVORS", "VLM_COMPONENTS", "VILAConfig", "vila_config"]
 
@@ -91,6 +93,9 @@ class VILA(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.projector = MLPDownsampleProjector(cfg.vision.dim, cfg.llm.dim)
         self.llm = GPT(cfg.llm)
+        # Set by parallelize_vila when the tower is sharded (FSDP): the ranks that must run the tower
+        # together — a rank without frames encodes a blank one when any other rank has some.
+        self.encoder_group = None
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
@@ -102,6 +107,22 @@ class VILA(nn.Module):
         """Visual tokens ``[N, tokens_per_frame, D]`` for ``N`` frames/images (SigLIP-normalised pixels)."""
         return self.projector(self.vision(media_N_3_S_S))
 
+    def _encode_local(self, media_N_3_S_S: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """This rank's visual tokens ``[N, tokens_per_frame, D]``, or None without frames — except
+        when the tower is sharded (``encoder_group``) and another rank has frames: then a blank
+        frame is encoded and ``[0, tokens_per_frame, D]`` of it returned, so every rank runs the
+        tower's collectives, and at the same place in the backward (the caller uses the result
+        exactly as it would real tokens)."""
+        n = 0 if media_N_3_S_S is None else media_N_3_S_S.shape[0]
+        if self.encoder_group is not None:
+            anyone = torch.tensor(n, device=self.llm.tok_embeddings.weight.device)
+            dist.all_reduce(anyone, op=dist.ReduceOp.MAX, group=self.encoder_group)
+            if n == 0 and int(anyone) > 0:
+                size = self.cfg.vision.image_size
+                blank = torch.zeros(1, 3, size, size, dtype=dtype, device=anyone.device)
+                return self.encode_media(blank)[:0]
+        return self.encode_media(media_N_3_S_S.to(dtype)) if n else None
+
     def embed(
         self,
         tokens_B_T: torch.Tensor,
@@ -112,8 +133,8 @@ class VILA(nn.Module):
         visual tokens of ``media`` (or of already encoded ``media_embeds``, e.g. a reused haystack)."""
         h = self.llm.embed(tokens_B_T)
         slots = tokens_B_T == self.cfg.media_token_id
-        if media_embeds_N_P_D is None and media_N_3_S_S is not None and media_N_3_S_S.shape[0] > 0:
-            media_embeds_N_P_D = self.encode_media(media_N_3_S_S.to(h.dtype))
+        if media_embeds_N_P_D is None:
+            media_embeds_N_P_D = self._encode_local(media_N_3_S_S, h.dtype)
         n_slots = int(slots.sum())  # one host sync per step, to check the contract with the data
         n_visual = (
             0 if media_embeds_N_P_D is None else media_embeds_N_P_D.shape[0] * media_embeds_N_P_D.shape[1]
@@ -124,9 +145,42 @@ class VILA(nn.Module):
                 f"give {n_visual} visual tokens ({self.cfg.tokens_per_frame} per frame); the data must "
                 "expand each frame to tokens_per_frame placeholders (VLMDataModule does)"
             )
-        if n_slots:
+        if media_embeds_N_P_D is not None:  # (zero rows: a blank frame that keeps the tower in step)
             h = h.clone()
             h[slots] = media_embeds_N_P_D.reshape(-1, h.shape[-1]).to(h.dtype)
+        return h
+
+    def embed_sequence_parallel(
+        self, tokens_B_T: torch.Tensor, media_N_3_S_S: torch.Tensor | None, sp
+    ) -> torch.Tensor:
+        """This SP rank's input embeddings ``[B, T/sp, D]`` by two-stage sharding
+        (:mod:`cupola.toolkit.parallel.sequence.multimodal`): ``tokens`` are the whole rows,
+        ``media`` only this rank's share of the batch's frames (``media_share(n_frames, sp.layout.size,
+        sp.rank)``); the frames' visual tokens travel to the ranks holding their placeholders."""
+        slots = tokens_B_T == self.cfg.media_token_id
+        n_slots, per_frame = int(slots.sum()), self.cfg.tokens_per_frame
+        if n_slots % per_frame:
+            raise ValueError(
+                f"the batch has {n_slots} media placeholders, not a multiple of tokens_per_frame ({per_frame})"
+            )
+        share = media_share(n_slots // per_frame, sp.layout.size, sp.rank)
+        n_mine = 0 if media_N_3_S_S is None else media_N_3_S_S.shape[0]
+        if n_mine != share.stop - share.start:
+            raise ValueError(
+                f"sequence-parallel rank {sp.rank} got {n_mine} frames but encodes frames {share.start}..{share.stop - 1} "
+                f"of the batch's {n_slots // per_frame}: pass media[media_share(...)], not the whole batch's"
+            )
+        h = self.llm.embed(sp.shard(tokens_B_T))
+        visual = self._encode_local(media_N_3_S_S, h.dtype)
+        if n_slots == 0:  # no frames in these rows (a blank keeps the tower in step with other rows')
+            return h if visual is None else h + 0.0 * visual.sum()
+        mine = h.new_zeros(0, h.shape[-1]) if visual is None else visual.reshape(-1, h.shape[-1]).to(h.dtype)
+        items_per_rank = (
+            media_share(n_slots // per_frame, sp.layout.size, 0).stop * per_frame
+        )  # rank 0's is full
+        received = route_media_embeddings(mine, slots, items_per_rank, sp)
+        h = h.clone()
+        h[sp.shard(slots)] = received
         return h
 
     def forward(
@@ -136,5 +190,13 @@ class VILA(nn.Module):
         positions_B_T: torch.Tensor | None = None,
         document_ids_B_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.embed(tokens_B_T, media_N_3_S_S)
-        return self.llm.forward_embeddings(h, positions_B_T, document_ids_B_T)
+        """Logits ``[B, T, vocab]``. Under sequence parallelism (``llm.sp`` set by ``parallelize_vila``)
+        the arguments are still whole rows — except ``media``, this rank's share of the frames (see
+        :meth:`embed_sequence_parallel`) — and the logits are this rank's part ``[B, T/sp, vocab]``."""
+        sp = self.llm.sp
+        if sp is None:
+            h = self.embed(tokens_B_T, media_N_3_S_S)
+            return self.llm.forward_embeddings(h, positions_B_T, document_ids_B_T)
+        h = self.embed_sequence_parallel(tokens_B_T, media_N_3_S_S, sp)
+        positions, documents = (None if t is None else sp.shard(t) for t in (positions_B_T, document_ids_B_T))
+        return self.llm.forward_embeddings(h, positions, documents)
