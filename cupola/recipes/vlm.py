@@ -171,6 +171,7 @@ def _big(
     lr: float,
     gbs: int,
     steps: int,
+    sp: int = 1,
 ) -> run.Partial:
     return run.Partial(
         api.train,
@@ -197,7 +198,9 @@ def _big(
             weight_decay=0.0,
             clip_grad_norm=1.0,
         ),
-        parallel=run.Config(ParallelConfig, activation_checkpointing=True, compile=True),
+        # MM-SP over sp GPUs (all Ulysses within the node; for several nodes set parallel.sp_ulysses
+        # to the GPUs per node and the rest becomes zigzag ring across nodes)
+        parallel=run.Config(ParallelConfig, sp=sp, activation_checkpointing=sp == 1, compile=True),
         trainable=TRAINABLE[stage],
         init_from=init_from,
         lora=None,
@@ -229,10 +232,18 @@ def vila_8b_sft(output_dir: str = "runs/vila_8b_sft") -> run.Partial:
 @recipe
 def vila_8b_context_extension(output_dir: str = "runs/vila_8b_context_extension") -> run.Partial:
     """Stage 4: LLM only on long text (set data.path to a tokenized corpus), 262144-token context with
-    LongVILA's RoPE base for it (207M); needs sequence parallelism at this length."""
+    LongVILA's RoPE base for it (207M), sequence-parallel over 8 GPUs (32K tokens each)."""
     data = run.Config(PretrainDataModule, seq_len=262144, micro_batch_size=1)
     return _big(
-        "context_extension", output_dir, "runs/vila_8b_sft", data, VILA_8B_LONG, lr=2e-5, gbs=32, steps=1000
+        "context_extension",
+        output_dir,
+        "runs/vila_8b_sft",
+        data,
+        VILA_8B_LONG,
+        lr=2e-5,
+        gbs=32,
+        steps=1000,
+        sp=8,
     )
 
 
@@ -249,7 +260,7 @@ def vila_8b_context_extension_lora(output_dir: str = "runs/vila_8b_context_exten
 @recipe
 def vila_8b_1024f_long_sft(output_dir: str = "runs/vila_8b_1024f_long_sft") -> run.Partial:
     """Stage 5: projector + LLM on long videos, 1024 frames (~200k visual tokens) per sample, from the
-    context extension run; needs sequence parallelism at this length."""
+    context extension run; MM-SP over 8 GPUs (each encodes 128 frames and holds 32K tokens)."""
     data = _video_data(VILA_8B_LONG, "", None, seq_len=262144, micro_batch_size=1, num_frames=1024)
     return _big(
         "long_sft",
@@ -260,4 +271,5 @@ def vila_8b_1024f_long_sft(output_dir: str = "runs/vila_8b_1024f_long_sft") -> r
         lr=2e-5,
         gbs=32,
         steps=1000,
+        sp=8,
     )

@@ -42,12 +42,22 @@ def _shrink(recipe, out: Path, init_from: str | None, data_root: Path, steps: in
 
 
 def _run_stage(
-    rank: int, world: int, stage: str, out: str, init_from: str | None, data_root: str, steps: int = 3
+    rank: int,
+    world: int,
+    stage: str,
+    out: str,
+    init_from: str | None,
+    data_root: str,
+    steps: int = 3,
+    overrides: tuple[str, ...] = (),
 ) -> None:
     import fiddle as fdl
 
+    from cupola.toolkit.cli import apply_overrides
+
     name = f"vila_tiny_{stage.removesuffix('_after_lora')}"
-    fdl.build(_shrink(catalog("vlm")[name](), Path(out), init_from, Path(data_root), steps))()
+    recipe = _shrink(catalog("vlm")[name](), Path(out), init_from, Path(data_root), steps)
+    fdl.build(apply_overrides(recipe, [*overrides, f"trainer.devices={world}"]))()
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -162,6 +172,29 @@ def test_an_interrupted_lora_stage_resumes_exactly(stage_runs, tmp_path):
     )
     a, b = _weights(whole), _weights(parts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sp_ulysses", [2, 1])
+def test_long_sft_with_mm_sp_on_2_processes_follows_the_1_process_curve(stage_runs, tmp_path, sp_ulysses):
+    """The long-video stage with parallel.sp=2 (Ulysses, then zigzag ring): the same rows, each
+    process holding half of every sequence and encoding half of the frames, give the 1-process run's
+    losses step by step."""
+    from cupola.toolkit.training.logs import loss_curves
+
+    out = tmp_path / "sp2"
+    overrides = ("parallel.sp=2", f"parallel.sp_ulysses={sp_ulysses}")
+    data = str(stage_runs["sft"].parent / "data")
+    spawn(_run_stage, 2, "long_sft", str(out), str(stage_runs["context_extension"]), data, 3, overrides)
+    one, two = loss_curves(stage_runs["long_sft"])["train"], loss_curves(out)["train"]
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["world_size"] == 2
+        and summary["tokens_per_step"]
+        == json.loads((stage_runs["long_sft"] / "summary.json").read_text())["tokens_per_step"]
+    )
 
 
 def test_context_extension_raised_the_rope_base(stage_runs):
