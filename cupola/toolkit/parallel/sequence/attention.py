@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from cupola.toolkit.parallel.sequence.layout import SPLayout
 from cupola.toolkit.parallel.sequence.ring import ring_attention
@@ -77,7 +78,32 @@ class SequenceParallel:
             q = scatter_heads(q, self.ulysses_group, u)
             k = scatter_heads(kv_heads_for(k, n_q, u), self.ulysses_group, u)
             v = scatter_heads(kv_heads_for(v, n_q, u), self.ulysses_group, u)
-        out = ring_attention(
-            q, k, v, self.ring_group, self.layout, causal=causal, documents_B_T=documents, scale=scale
-        )
+        if self.layout.ring == 1:  # Ulysses alone: whole sequences per head, SDPA's best kernel, native GQA
+            out = _local_attention(q, k, v, causal, documents, scale)
+        else:
+            out = ring_attention(
+                q, k, v, self.ring_group, self.layout, causal=causal, documents_B_T=documents, scale=scale
+            )
         return gather_heads(out, self.ulysses_group, u) if u > 1 else out
+
+
+def _local_attention(
+    q, k, v, causal: bool, documents: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    mask = None
+    if documents is not None:
+        mask = documents[:, :, None] == documents[:, None, :]
+        if causal:
+            mask = (
+                mask & torch.ones(mask.shape[-1], mask.shape[-1], dtype=torch.bool, device=mask.device).tril()
+            )
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal and mask is None,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )

@@ -8,9 +8,11 @@ grouped KV heads), ``lse [B, H, Tq]`` in fp32 (float64 for float64 inputs). ``ma
 tensor broadcastable to ``[B, H, Tq, Tk]`` (True = may attend). A query that sees no key in the
 block gets output 0 and lse ``-inf``; :func:`merge` folds such blocks away.
 
-Kernels: on CUDA in bf16/fp16, FlashAttention for ``None``/``"causal"`` and memory-efficient
-attention (with a bias) for tensor masks; everywhere else (CPU, fp32/fp64 — what the multi-process
-tests use) an exact math path.
+Kernels: on CUDA in bf16/fp16, cuDNN attention (FlashAttention where cuDNN's is unavailable)
+for ``None``/``"causal"``; tensor masks (packed
+rows) and everything else (CPU, fp32/fp64 — what the multi-process tests use) take an exact math
+path whose memory is quadratic in the block (a variable-length flash path for packed long rows on
+GPU is future work).
 """
 
 from __future__ import annotations
@@ -44,17 +46,34 @@ def _bool_mask(mask: Mask, tq: int, tk: int, device: torch.device) -> torch.Tens
     return mask
 
 
-def _fast(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+def _flash(q: torch.Tensor, mask: Mask) -> bool:
+    return (
+        q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and (mask is None or isinstance(mask, str))
+    )
 
 
-def _bias(mask: torch.Tensor, q: torch.Tensor, tk: int) -> torch.Tensor:
-    """An additive bias for memory-efficient attention (its last dim padded to a multiple of 16)."""
-    B, H, tq = q.shape[0], q.shape[1], q.shape[2]
-    pad = -tk % 16
-    bias = torch.zeros(B, H, tq, tk + pad, dtype=q.dtype, device=q.device)
-    bias[..., :tk].masked_fill_(~mask.expand(B, H, tq, tk), float("-inf"))
-    return bias[..., :tk]
+_KERNELS: dict[tuple, tuple] = {}
+
+
+def _kernel(q: torch.Tensor) -> tuple:
+    """The fused kernel for this device and dtype — ``("cudnn", aux)`` where cuDNN attention runs
+    forward and backward (the fastest on Hopper), else ``("flash", aux)`` — with the placeholder
+    tensors its backward takes for "no variable-length batch, no dropout", taken once from a tiny
+    forward (and a backward, to prove the kernel works here)."""
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in _KERNELS:
+        tiny = torch.randn(1, 1, 64, q.shape[-1], device=q.device, dtype=q.dtype)
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                tiny, tiny, tiny, None, True, 0.0, True, False
+            )
+            aux = (res[2], res[3], res[6], res[7])
+            _KERNELS[key] = ("cudnn", aux)
+            block_backward(tiny, tiny, tiny, tiny, res[0], res[1].reshape(1, 1, 64).float(), "causal")
+        except Exception:  # no usable cuDNN attention here: FlashAttention
+            res = torch.ops.aten._scaled_dot_product_flash_attention(tiny, tiny, tiny, 0.0, False, False)
+            _KERNELS[key] = ("flash", (res[2], res[3], res[6], res[7]))
+    return _KERNELS[key]
 
 
 def block_forward(
@@ -63,18 +82,17 @@ def block_forward(
     """``(out [B, H, Tq, D] in q's dtype, lse [B, H, Tq])`` of softmax attention within the block."""
     s = _scale(q, scale)
     tq, tk = q.shape[2], k.shape[2]
-    if _fast(q):
-        if mask is None or isinstance(mask, str):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, _bool_mask(mask, tq, tk, q.device) is not None, False, scale=s
+    if _flash(q, mask):
+        q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+        if _kernel(q)[0] == "cudnn":
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, mask is not None, False, scale=s
             )[:2]
-            return out, lse
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, _bias(mask, q, tk), True, 0.0, False, scale=s
+            return out, lse.reshape(q.shape[:3]).float()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, mask is not None, False, scale=s
         )[:2]
-        lse = lse[..., :tq]
-        dead = torch.isneginf(lse)
-        return out.masked_fill(dead[..., None], 0.0), lse
+        return out, lse
     acc = _acc_dtype(q)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * s
     m = _bool_mask(mask, tq, tk, q.device)
@@ -100,34 +118,48 @@ def block_backward(
     every query attends to at least one key overall)."""
     s = _scale(q, scale)
     tq, tk = q.shape[2], k.shape[2]
-    if _fast(q):
-        lse = lse.float().contiguous()
-        if mask is None or isinstance(mask, str):
-            causal = _bool_mask(mask, tq, tk, q.device) is not None
-            cum = torch.empty(0, dtype=torch.int32, device=q.device)
-            seed = torch.zeros(2, dtype=torch.int64, device=q.device)
-            return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, cum, cum, tq, tk, 0.0, causal, seed[0], seed[1], scale=s
+    if _flash(q, mask):
+        causal = mask is not None
+        if causal and tq != tk:
+            raise ValueError(f"mask='causal' with Tq={tq}, Tk={tk}: a causal block is square")
+        q, k, v, out, dout = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, out, dout))
+        kind, (cum_q, cum_k, rng, unused) = _KERNELS.get((q.device, q.dtype, q.shape[-1])) or _kernel(q)
+        if kind == "cudnn":
+            return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse.float().reshape(*q.shape[:3], 1).contiguous(),
+                rng,
+                unused,
+                None,
+                cum_q,
+                cum_k,
+                tq,
+                tk,
+                0.0,
+                causal,
+                scale=s,
             )
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        pad = -tq % 32
-        lse_padded = torch.nn.functional.pad(lse, (0, pad)) if pad else lse
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout,
             q,
             k,
             v,
-            _bias(mask, q, tk),
             out,
-            lse_padded,
-            seed,
-            seed,
+            lse.float().contiguous(),
+            cum_q,
+            cum_k,
+            tq,
+            tk,
             0.0,
-            [True, True, True, False],
-            False,
+            causal,
+            rng,
+            unused,
             scale=s,
         )
-        return dq, dk, dv
     acc = _acc_dtype(q)
     qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     scores = torch.matmul(qa, ka.transpose(-1, -2)) * s
