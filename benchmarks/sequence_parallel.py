@@ -76,7 +76,8 @@ def check_cupola(T: int, world: int, ulysses: int, zigzag: bool, args) -> float:
     gradients from one GPU's SDPA (bf16)."""
     sp = _sp(world, ulysses, zigzag)
     full = [t.requires_grad_() for t in _inputs(T, args)]
-    dout = torch.randn(1, args.heads, T, args.head_dim, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)  # the same output gradient on every rank
+    dout = torch.randn(1, args.heads, T, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
     ref = F.scaled_dot_product_attention(*full, is_causal=True, enable_gqa=True)
     ref.backward(dout)
     local = [sp.shard(t.detach(), dim=2).requires_grad_() for t in full]
