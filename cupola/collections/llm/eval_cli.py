@@ -54,6 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     niah.add_argument("--question", default="What number is written in the video?")
     niah.add_argument("--answer", help="expected answer (default: the needle text)")
     niah.add_argument("--out-dir", metavar="DIR", help="niah.json + niah_heatmap.png (default: MODEL/niah)")
+    niah.add_argument(
+        "--sp",
+        type=int,
+        default=1,
+        help="run sequence-parallel over N processes (launch with torchrun --nproc-per-node N -m cupola ...)",
+    )
+    niah.add_argument("--sp-ulysses", type=int, default=-1, help="Ulysses part of --sp (default: all of it)")
     parser.add_argument("--out", metavar="JSON", help="write the results (and per-question records) here")
     parser.set_defaults(handler=_eval)
 
@@ -68,7 +75,14 @@ def _niah(args: argparse.Namespace) -> int:
     from cupola.toolkit.data.tokenizer import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sp = _niah_sequence_parallel(args, device) if args.sp > 1 else None
+    if sp is not None and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     model, run_config = load_vlm(args.model, device)
+    if sp is not None:
+        from cupola.collections.llm.models.gpt.parallelize import apply_sp
+
+        apply_sp(model.llm, sp)
     tokenizer = load_tokenizer(args.tokenizer or run_config.get("data", {}).get("tokenizer"))
     cfg = NIAHConfig(
         frame_counts=args.frames,
@@ -84,11 +98,40 @@ def _niah(args: argparse.Namespace) -> int:
         haystack = read_frames(
             args.video, num_frames=max(args.frames), size=(model.cfg.vision.image_size,) * 2
         )
-    results = run_niah(model, tokenizer, cfg, haystack)
+    with torch.no_grad():
+        results = run_niah(model, tokenizer, cfg, haystack, progress=sp is None or sp.rank == 0, sp=sp)
+    if sp is not None and torch.distributed.get_rank() != 0:
+        return 0  # every rank has the same results; rank 0 writes them
     paths = save_results(results, args.out_dir or Path(args.model) / "niah")
     print(f"cupola: NIAH exact match {100 * results['accuracy']:.1f}% over {len(results['cells'])} cells")
     print(f"cupola: wrote {paths['json']} and {paths['heatmap']}")
     return 0
+
+
+def _niah_sequence_parallel(args: argparse.Namespace, device: str):
+    """This process's SequenceParallel for ``--sp N``: under torchrun (or an existing process group)
+    of exactly N processes; a clear error otherwise."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from cupola.toolkit.config import ConfigError
+    from cupola.toolkit.parallel.dims import ParallelDims
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.sp:
+        raise ConfigError(
+            f"--sp {args.sp} needs {args.sp} processes, this is {world}: launch with "
+            f"`torchrun --nproc-per-node {args.sp} -m cupola eval niah ... --sp {args.sp}`"
+        )
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dims = ParallelDims(sp=args.sp, sp_ulysses=args.sp_ulysses)
+    dims.build_mesh("cuda" if device.startswith("cuda") else "cpu")
+    return dims.sequence_parallel()
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from cupola.collections.vlm.models.vila import VILA
 from cupola.toolkit.config import config_error
+from cupola.toolkit.parallel.sequence.multimodal import media_share
 
 __all__ = ["NIAHConfig", "render_needle", "run_niah", "save_results", "synthetic_haystack", "write_heatmap"]
 
@@ -99,14 +100,22 @@ def run_niah(
     haystack_uint8: np.ndarray | None = None,
     *,
     progress: bool = True,
+    sp: Any = None,
 ) -> dict[str, Any]:
-    """Run the sweep (see the module docstring); returns ``{"cells": [...], "accuracy": ...}``."""
+    """Run the sweep (see the module docstring); returns ``{"cells": [...], "accuracy": ...}``.
+
+    ``sp``: a :class:`~cupola.toolkit.parallel.sequence.SequenceParallel` (``model.llm`` set up with
+    it by ``apply_sp``) to run sequence-parallel across its ranks: each rank encodes its share of the
+    haystack once, every cell's visual tokens are routed to the ranks holding their positions, and
+    each rank runs the LLM on its part of the sequence; every rank returns the same results.
+    """
     from cupola.collections.vlm.data.conversations import prompt_ids
     from cupola.toolkit.data.video import to_pixels
 
     cfg.validate()
     vcfg, P = model.cfg.vision, model.cfg.tokens_per_frame
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
     answer = cfg.answer if cfg.answer is not None else cfg.needle
     answer_ids = [*tokenizer.encode(answer), tokenizer.eos_id]
     question = f"<video>\n{cfg.question}"
@@ -117,7 +126,8 @@ def run_niah(
         )
     )
     limit = model.cfg.llm.max_seq_len
-    if text_len + (longest + 1) * P + len(answer_ids) > limit:
+    multiple = 1 if sp is None else sp.layout.multiple  # SP rows are padded to split evenly
+    if -(-(text_len + (longest + 1) * P + len(answer_ids)) // multiple) * multiple > limit:
         fits = (limit - text_len - len(answer_ids)) // P - 1
         raise config_error(
             cfg,
@@ -139,15 +149,18 @@ def run_niah(
     def encode(frames_uint8: np.ndarray) -> torch.Tensor:
         out = []
         for i in range(0, len(frames_uint8), 16):  # bounded memory for long haystacks
-            out.append(model.encode_media(to_pixels(frames_uint8[i : i + 16], vcfg.image_size).to(device)))
-        return torch.cat(out)
+            pixels = to_pixels(frames_uint8[i : i + 16], vcfg.image_size).to(device, dtype)
+            out.append(model.encode_media(pixels))
+        return torch.cat(out) if out else torch.zeros(0, P, model.cfg.llm.dim, device=device, dtype=dtype)
 
-    hay_N_P_D = encode(picked)  # encoded once, reused by every cell
+    # encoded once, reused by every cell (under SP: this rank's share of the haystack only)
+    share = slice(0, longest) if sp is None else media_share(longest, sp.layout.size, sp.rank)
+    hay_N_P_D = encode(picked[share])
     needle_1_P_D = encode(render_needle(cfg.needle, vcfg.image_size)[None])
     cells = []
     total = len(cfg.frame_counts) * len(cfg.depths)
     for F in cfg.frame_counts:
-        base = hay_N_P_D[_uniform(longest, F)]
+        base = hay_N_P_D[_uniform(longest, F)] if sp is None else None
         prompt = prompt_ids(
             tokenizer,
             question,
@@ -155,13 +168,23 @@ def run_niah(
             tokens_per_frame=P,
             media_token_id=model.cfg.media_token_id,
         )
-        tokens = torch.tensor([prompt + answer_ids], device=device)
+        ids = prompt + answer_ids
+        if sp is not None:  # pad the row to split evenly; causal attention keeps the padding out
+            ids = ids + [tokenizer.eos_id] * (-len(ids) % multiple)
+        tokens = torch.tensor([ids], device=device)
         for depth in cfg.depths:
             k = round(float(depth) * F)
-            video = torch.cat([base[:k], needle_1_P_D, base[k:]])
-            logits = model.llm.forward_embeddings(model.embed(tokens, media_embeds_N_P_D=video))
-            # argmax over the tokenizer's ids only (the embedding table may be larger, e.g. padded)
-            predicted = logits[0, len(prompt) - 1 : -1, : tokenizer.vocab_size].argmax(-1).tolist()
+            if sp is None:
+                video = torch.cat([base[:k], needle_1_P_D, base[k:]])
+                logits = model.llm.forward_embeddings(model.embed(tokens, media_embeds_N_P_D=video))
+                # argmax over the tokenizer's ids only (the embedding table may be larger, e.g. padded)
+                predicted_all = logits[0, :, : tokenizer.vocab_size].argmax(-1)
+            else:
+                frames = _uniform(longest, F)
+                predicted_all = _sp_predictions(
+                    model, tokens, hay_N_P_D, needle_1_P_D, frames, k, longest, sp, tokenizer.vocab_size
+                )
+            predicted = predicted_all[len(prompt) - 1 : len(prompt) - 1 + len(answer_ids)].tolist()
             hits = [p == a for p, a in zip(predicted, answer_ids)]
             cells.append(
                 {
@@ -184,6 +207,49 @@ def run_niah(
         "cells": cells,
         "accuracy": accuracy,
     }
+
+
+def _sp_predictions(
+    model: VILA,
+    tokens_1_T: torch.Tensor,
+    hay_mine_N_P_D: torch.Tensor,
+    needle_1_P_D: torch.Tensor,
+    frames: list[int],
+    k: int,
+    longest: int,
+    sp: Any,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Greedy predictions for the whole row, computed sequence-parallel: the cell's video is
+    ``frames`` of the haystack with the needle at ``k``; haystack frame ``h`` lives on rank
+    ``h // per_rank`` (its share), the needle on every rank (after its haystack tokens)."""
+    from cupola.toolkit.parallel.sequence.multimodal import media_share, route_embeddings
+
+    P, D = model.cfg.tokens_per_frame, model.cfg.llm.dim
+    slots = tokens_1_T == model.cfg.media_token_id
+    T, size = tokens_1_T.shape[1], sp.layout.size
+    per_rank = media_share(longest, size, 0).stop
+    video = [*frames[:k], -1, *frames[k:]]  # -1: the needle
+    frame_of = torch.tensor(video, device=slots.device).repeat_interleave(P)  # per visual token
+    token_of = torch.arange(P, device=slots.device).repeat(len(video))
+    holder = torch.empty(T, dtype=torch.long, device=slots.device)  # which rank holds each position
+    for r in range(size):
+        holder[sp.layout.indices(T, r).to(slots.device)] = r
+    held = torch.tensor([len(range(*media_share(longest, size, r).indices(longest))) for r in range(size)])
+    owner = torch.where(frame_of >= 0, frame_of // max(per_rank, 1), holder[slots[0]])
+    index = torch.where(
+        frame_of >= 0,
+        (frame_of - owner * per_rank) * P + token_of,
+        held.to(slots.device)[owner] * P + token_of,
+    )
+    owner_1_T = torch.zeros_like(tokens_1_T)
+    index_1_T = torch.zeros_like(tokens_1_T)
+    owner_1_T[slots], index_1_T[slots] = owner, index
+    mine = torch.cat([hay_mine_N_P_D.reshape(-1, D), needle_1_P_D.reshape(-1, D)])
+    h = model.llm.embed(sp.shard(tokens_1_T))
+    h[sp.shard(slots)] = route_embeddings(mine, slots, owner_1_T, index_1_T, sp).to(h.dtype)
+    logits = model.llm.forward_embeddings(h)
+    return sp.gather(logits[..., :vocab_size].argmax(-1))[0]
 
 
 def write_heatmap(results: dict[str, Any], path: str | Path) -> Path:

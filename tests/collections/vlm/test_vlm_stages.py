@@ -258,6 +258,32 @@ def test_chat_and_needle_in_a_haystack_on_the_trained_model(stage_runs, capsys):
     assert (out / "niah_heatmap.png").stat().st_size > 1000
 
 
+def _niah_cli(rank: int, world: int, argv: list[str]) -> None:
+    from cupola.toolkit.cli import main
+
+    assert main(argv) == 0
+
+
+def test_niah_sequence_parallel_from_the_cli(stage_runs, tmp_path, capsys):
+    """`cupola eval niah --sp 2` on two processes: each encodes half of the haystack once and runs
+    half of every sequence; rank 0 writes the same sweep as one process (fp32 here; float64
+    equality is tests/collections/vlm/test_vlm_niah_sp.py)."""
+    from cupola.toolkit.cli import main
+
+    run = stage_runs["long_sft"]
+    common = ["eval", "niah", "--model", str(run), "--frames", "2", "4", "--depths", "0", "0.5", "1"]
+    assert main([*common, "--out-dir", str(tmp_path / "one")]) == 0
+    spawn(_niah_cli, 2, [*common, "--sp", "2", "--sp-ulysses", "1", "--out-dir", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "niah.json").read_text())["cells"]
+    two = json.loads((tmp_path / "two" / "niah.json").read_text())["cells"]
+    assert [(c["frames"], c["needle_index"]) for c in two] == [(c["frames"], c["needle_index"]) for c in one]
+    same = sum(a["predicted"] == b["predicted"] for a, b in zip(one, two, strict=True))
+    assert same >= len(one) - 1  # fp32 reduction order may flip a near-tied argmax, not the sweep
+    assert (tmp_path / "two" / "niah_heatmap.png").stat().st_size > 1000
+    assert main([*common, "--sp", "2"]) != 0  # one process asked to be two: how to launch it
+    assert "torchrun --nproc-per-node 2 -m cupola eval niah" in capsys.readouterr().err
+
+
 def test_vision_layers_the_forward_never_reaches_are_frozen():
     """select_layer=-2 leaves the last vision layer and the post-layernorm unused: they are frozen even
     when the stage trains the vision tower, so no optimizer state is expected for them on resume."""

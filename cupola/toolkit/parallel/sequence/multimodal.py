@@ -20,7 +20,7 @@ import torch
 
 from cupola.toolkit.parallel.collectives import all_to_all
 
-__all__ = ["media_share", "route_media_embeddings"]
+__all__ = ["media_share", "route_embeddings", "route_media_embeddings"]
 
 
 def media_share(n_items: int, sp_size: int, sp_rank: int) -> slice:
@@ -42,16 +42,25 @@ def route_media_embeddings(
     :class:`~cupola.toolkit.parallel.sequence.SequenceParallel`. Returns ``[n_local_slots, D]``
     for ``h_local[sp.shard(slots_B_T)] = ...``.
     """
+    item_at = (torch.cumsum(slots_B_T.flatten().long(), 0) - 1).view(slots_B_T.shape)
+    owner = item_at // max(items_per_rank, 1)
+    return route_embeddings(mine_N_D, slots_B_T, owner, item_at - owner * items_per_rank, sp)
+
+
+def route_embeddings(
+    mine_N_D: torch.Tensor, slots_B_T: torch.Tensor, owner_B_T: torch.Tensor, index_B_T: torch.Tensor, sp
+) -> torch.Tensor:
+    """The general form of :func:`route_media_embeddings`: placeholder ``(b, t)`` (where
+    ``slots_B_T``) takes row ``index_B_T[b, t]`` of rank ``owner_B_T[b, t]``'s ``mine``; every rank
+    passes the same whole-row tables. Returns this rank's ``[n_local_slots, D]`` in its order."""
     layout, me = sp.layout, sp.rank
     T = slots_B_T.shape[1]
-    item_at = (torch.cumsum(slots_B_T.flatten().long(), 0) - 1).view(slots_B_T.shape)
-    offset = me * items_per_rank
     chunks, needed = [], None
     for r in range(layout.size):
         cols = layout.indices(T, r).to(slots_B_T.device)
-        need = item_at[:, cols][slots_B_T[:, cols]]  # the items rank r needs, in its order
-        owner = need // max(items_per_rank, 1)
-        chunks.append(mine_N_D[need[owner == me] - offset])
+        here = slots_B_T[:, cols]
+        owner, index = owner_B_T[:, cols][here], index_B_T[:, cols][here]  # what rank r needs, in its order
+        chunks.append(mine_N_D[index[owner == me]])
         if r == me:
             needed = owner
     in_splits = [c.shape[0] for c in chunks]
