@@ -75,9 +75,11 @@ def _niah(args: argparse.Namespace) -> int:
     from cupola.toolkit.data.tokenizer import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sp = _niah_sequence_parallel(args, device) if args.sp > 1 else None
-    if sp is not None and device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
+    sp = None
+    if args.sp > 1:
+        from cupola.toolkit.parallel.sequence.launch import launched_sequence_parallel
+
+        sp, device = launched_sequence_parallel(args.sp, args.sp_ulysses, device, "eval niah --model RUN")
     model, run_config = load_vlm(args.model, device)
     if sp is not None:
         from cupola.collections.llm.models.gpt.parallelize import apply_sp
@@ -106,32 +108,6 @@ def _niah(args: argparse.Namespace) -> int:
     print(f"cupola: NIAH exact match {100 * results['accuracy']:.1f}% over {len(results['cells'])} cells")
     print(f"cupola: wrote {paths['json']} and {paths['heatmap']}")
     return 0
-
-
-def _niah_sequence_parallel(args: argparse.Namespace, device: str):
-    """This process's SequenceParallel for ``--sp N``: under torchrun (or an existing process group)
-    of exactly N processes; a clear error otherwise."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from cupola.toolkit.config import ConfigError
-    from cupola.toolkit.parallel.dims import ParallelDims
-
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.sp:
-        raise ConfigError(
-            f"--sp {args.sp} needs {args.sp} processes, this is {world}: launch with "
-            f"`torchrun --nproc-per-node {args.sp} -m cupola eval niah ... --sp {args.sp}`"
-        )
-    if not dist.is_initialized():
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    dims = ParallelDims(sp=args.sp, sp_ulysses=args.sp_ulysses)
-    dims.build_mesh("cuda" if device.startswith("cuda") else "cpu")
-    return dims.sequence_parallel()
 
 
 def _eval(args: argparse.Namespace) -> int:

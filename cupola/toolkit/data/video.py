@@ -192,16 +192,23 @@ def read_frames(
     fps: float | None = None,
     max_frames: int | None = None,
     size: tuple[int, int] | None = None,
+    part: slice | None = None,
 ) -> np.ndarray:
     """Frames of a video as ``uint8 [F, H, W, 3]`` (RGB), chosen by :func:`sample_indices`.
 
     ``size=(H, W)`` resizes inside decord's decoder (FFmpeg scaling), cheaper than decoding full
-    frames and resizing afterwards.
+    frames and resizing afterwards. ``part``: decode only these of the sampled frames (e.g. one
+    sequence-parallel rank's share, :func:`~cupola.toolkit.parallel.sequence.multimodal.media_share`).
     """
     reader = _open_video(path, size)
     indices = sample_indices(
         len(reader), reader.get_avg_fps(), num_frames=num_frames, fps=fps, max_frames=max_frames
     )
+    if part is not None:
+        indices = indices[part]
+        if len(indices) == 0:
+            height, width = size if size is not None else _unpadded(reader[0]).shape[:2]
+            return np.zeros((0, height, width, 3), dtype=np.uint8)
     return _decode(reader, indices, Path(path))
 
 

@@ -49,6 +49,39 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def positions(self, batch: int, n: int, device: torch.device | str) -> torch.Tensor:
+        """RoPE positions ``[batch, n]`` of ``n`` tokens that continue the cached ones."""
+        return torch.arange(self.length, self.length + n, device=device).expand(batch, n)
+
+    def attend(
+        self,
+        layer: int,
+        q_B_H_T_D: torch.Tensor,
+        k_B_H_T_D: torch.Tensor,
+        v_B_H_T_D: torch.Tensor,
+        *,
+        causal: bool = True,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of the new tokens' queries over the cached keys and their own (stored in slot
+        ``layer``); causal among the new tokens unless ``mask`` (``[.., T, length + T]``) says otherwise."""
+        past, T = self.length, q_B_H_T_D.shape[2]
+        k_B_H_T_D, v_B_H_T_D = self.update(layer, k_B_H_T_D, v_B_H_T_D)
+        if mask is None:  # query i (absolute past + i) sees keys <= past + i
+            device = q_B_H_T_D.device
+            if causal and T > 1:
+                keys = torch.arange(past + T, device=device)
+                mask = keys[None, :] <= (past + torch.arange(T, device=device))[:, None]
+            else:
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=device)  # one new token sees all
+        return F.scaled_dot_product_attention(
+            q_B_H_T_D,
+            k_B_H_T_D,
+            v_B_H_T_D,
+            attn_mask=mask,
+            enable_gqa=q_B_H_T_D.shape[1] != k_B_H_T_D.shape[1],
+        )
+
 
 def document_causal_mask(document_ids_B_T: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T, T]`` for packed sequences: token i attends to j when
@@ -142,16 +175,11 @@ class Attention(nn.Module):
                 q_B_H_T_D, k_B_H_T_D, v_B_H_T_D, causal=self.causal, document_ids_B_T=document_ids
             )
             return self.wo(out_B_H_T_D.transpose(1, 2).reshape(B, T, -1))
-        if kv_cache is not None:
-            past = kv_cache.length
-            k_B_H_T_D, v_B_H_T_D = kv_cache.update(layer, k_B_H_T_D, v_B_H_T_D)
-            if mask is None and self.causal and T > 1:  # query i (absolute past + i) sees keys <= past + i
-                keys = torch.arange(past + T, device=x_B_T_C.device)
-                mask = keys[None, :] <= (past + torch.arange(T, device=x_B_T_C.device))[:, None]
-            elif mask is None:
-                mask = torch.ones(
-                    T, past + T, dtype=torch.bool, device=x_B_T_C.device
-                )  # one new token sees all
+        if kv_cache is not None:  # incremental decoding (sequence-parallel too: the cache's own attend)
+            out_B_H_T_D = kv_cache.attend(
+                layer, q_B_H_T_D, k_B_H_T_D, v_B_H_T_D, causal=self.causal, mask=mask
+            )
+            return self.wo(out_B_H_T_D.transpose(1, 2).reshape(B, T, -1))
         # Grouped-query heads go to SDPA as they are (enable_gqa): the fused kernels read each KV head
         # for its query group, with no repeated copy of K and V (10% faster on an H100 with cuDNN).
         out_B_H_T_D = F.scaled_dot_product_attention(

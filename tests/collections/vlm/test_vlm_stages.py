@@ -284,6 +284,46 @@ def test_niah_sequence_parallel_from_the_cli(stage_runs, tmp_path, capsys):
     assert "torchrun --nproc-per-node 2 -m cupola eval niah" in capsys.readouterr().err
 
 
+def _chat_cli(rank: int, world: int, argv: list[str], out: str) -> None:
+    import contextlib
+    import io
+
+    from cupola.toolkit.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    Path(f"{out}.{rank}").write_text(printed.getvalue())
+
+
+def test_chat_sequence_parallel_from_the_cli(stage_runs, tmp_path, capsys):
+    """`cupola vlm chat --sp 2` (zigzag ring) on two processes: each decodes half of the video's
+    frames, the prompt is prefilled across both and the KV cache stays split; rank 0 prints the
+    one-process answer, the other rank prints nothing."""
+    from cupola.toolkit.cli import main
+
+    run = stage_runs["long_sft"]
+    video = str(next((run.parent / "data").rglob("*.mp4")))
+    common = [
+        "vlm",
+        "chat",
+        "--checkpoint",
+        str(run),
+        "--video",
+        video,
+        "--prompt",
+        "What colour is the shape?",
+    ]
+    common += ["--max-new-tokens", "8"]
+    assert main(common) == 0
+    one = capsys.readouterr().out
+    spawn(_chat_cli, 2, [*common, "--sp", "2", "--sp-ulysses", "1"], str(tmp_path / "answer"))
+    assert (tmp_path / "answer.0").read_text() == one and one.strip()
+    assert (tmp_path / "answer.1").read_text() == ""
+    assert main([*common, "--sp", "2"]) != 0  # one process asked to be two: how to launch it
+    assert "torchrun --nproc-per-node 2 -m cupola vlm chat" in capsys.readouterr().err
+
+
 def test_vision_layers_the_forward_never_reaches_are_frozen():
     """select_layer=-2 leaves the last vision layer and the post-layernorm unused: they are frozen even
     when the stage trains the vision tower, so no optimizer state is expected for them on resume."""

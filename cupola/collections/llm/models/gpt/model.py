@@ -303,6 +303,8 @@ class GPT(nn.Module):
         positions_B_T: torch.Tensor | None = None,
         document_ids_B_T: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        *,
+        logits: bool = True,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for input embeddings (full sequence, e.g. text and image tokens mixed).
 
@@ -315,12 +317,14 @@ class GPT(nn.Module):
         Under sequence parallelism (``self.sp``, set by ``parallelize_gpt``) every input is this
         rank's part of the sequence (``SequenceParallel.shard``) and so is the output; positions
         default to the global indices of the tokens this rank holds.
+
+        ``logits=False`` returns the last block's hidden states ``[B, T, dim]`` instead (apply
+        :meth:`head` to the rows needed: a long prompt's prefill needs one, not ``T x vocab``).
         """
         B, T = h_B_T_C.shape[:2]
         sp = self.sp if kv_cache is None else None
         if kv_cache is not None and positions_B_T is None:
-            start = kv_cache.length
-            positions_B_T = torch.arange(start, start + T, device=h_B_T_C.device).expand(B, T)
+            positions_B_T = kv_cache.positions(B, T, h_B_T_C.device)
         if sp is not None and positions_B_T is None:
             positions_B_T = sp.positions(T * sp.layout.size, h_B_T_C.device).expand(B, T)
         rope = self.rope(T, positions_B_T)
@@ -339,7 +343,11 @@ class GPT(nn.Module):
                 h = layer(h, rope, mask=mask)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.output(self.norm(h))
+        return self.head(h) if logits else h
+
+    def head(self, h_C: torch.Tensor) -> torch.Tensor:
+        """Logits from last-block hidden states (final norm, then the output projection)."""
+        return self.output(self.norm(h_C))
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         """An empty :class:`KVCache` for up to ``max_len`` (default ``max_seq_len``) tokens per sequence."""
