@@ -149,7 +149,15 @@ class VLMModule(ParallelModule):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         media, labels = batch.get("media"), batch["labels"]
         if self.sp is not None:  # MM-SP: this rank encodes its share of the frames, scores its tokens
-            if media is not None:
+            if "media_share" in batch:  # the data decoded this rank's share only (VLMDataModule under SP)
+                start, stop, total = (int(x) for x in batch["media_share"])
+                if media_share(total, self.sp.layout.size, self.sp.rank) != slice(start, stop):
+                    raise ValueError(
+                        f"the batch holds frames {start}..{stop - 1} of {total}, not sequence-parallel rank "
+                        f"{self.sp.rank}'s share of {self.sp.layout.size}; the data module's sp_rank/sp_size "
+                        "must match the model's (the trainer glue sets both)"
+                    )
+            elif media is not None:
                 media = media[media_share(media.shape[0], self.sp.layout.size, self.sp.rank)]
             labels = self.sp.shard(labels)
         logits = self.model(batch["tokens"], media, batch.get("positions"), batch.get("document_ids"))

@@ -140,6 +140,10 @@ class ParallelDims:
         """The data-parallel index of a global rank, without building the mesh (layout is row-major)."""
         return rank // (self.sp * self.tp)
 
+    def sp_coordinate(self, rank: int) -> int:
+        """The sequence-parallel index of a global rank (its place in its ``sp`` group), without the mesh."""
+        return (rank // self.tp) % self.sp
+
     @property
     def mesh(self) -> DeviceMesh:
         if self._mesh is None:

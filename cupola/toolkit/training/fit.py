@@ -165,6 +165,8 @@ def fit(
             f"a multiple of {layout.multiple}"
         )
     data.dp_rank, data.dp_size = dims.dp_coordinate(rank), dims.dp
+    if hasattr(data, "sp_size"):  # SP-aware data: each rank of an SP group decodes its share of the media
+        data.sp_rank, data.sp_size = dims.sp_coordinate(rank), dims.sp
     accumulate = trainer_cfg.accumulate_grad_batches(info.micro_batch_size, dims.dp)
 
     out = Path(trainer_cfg.output_dir).expanduser().resolve()

@@ -22,6 +22,7 @@ from cupola.collections.vlm.data.synthetic import COLOURS, write_synthetic_video
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.data.tokenizer import ByteTokenizer
 from cupola.toolkit.data.video import MediaError, read_frames, read_image, to_pixels
+from cupola.toolkit.parallel.sequence.multimodal import media_share
 
 TOK = ByteTokenizer()
 MEDIA = TOK.vocab_size  # 259, the default placeholder id
@@ -306,8 +307,8 @@ def test_bad_media_errors_name_file_and_sample_or_are_skipped(synthetic, tmp_pat
         ds[0]
 
 
-def make_dm(synthetic, **kw):
-    args = {
+def make_dm_args(synthetic):
+    return {
         "train_file": str(synthetic["train"]),
         "val_file": str(synthetic["val"]),
         "tokens_per_frame": TPF,
@@ -318,7 +319,10 @@ def make_dm(synthetic, **kw):
         "on_bad_media": "skip",
         "seed": 3,
     }
-    dm = VLMDataModule(**{**args, **kw})
+
+
+def make_dm(synthetic, **kw):
+    dm = VLMDataModule(**{**make_dm_args(synthetic), **kw})
     dm.setup("fit")
     return dm
 
@@ -378,6 +382,49 @@ def test_datamodule_ranks_read_disjoint_rows(synthetic):
         dm.dp_rank, dm.dp_size = rank, 2
         shares.append({i for b in dm.train_dataloader() for ids in b["ids"] for i in ids})
     assert shares[0] and shares[1] and not shares[0] & shares[1]
+
+
+def test_sequence_parallel_ranks_decode_only_their_share_of_the_batch_frames(synthetic, tmp_path, caplog):
+    """Under SP (sp_size=3) the ranks of a group get the same rows and each decodes only its share of
+    the batch's frames: the shares, in rank order, are exactly the frames one process decodes."""
+    whole = list(make_dm(synthetic, seq_len=128).train_dataloader())
+    parts = []
+    for rank in range(3):
+        dm = VLMDataModule(**{**make_dm_args(synthetic), "seq_len": 128})
+        dm.sp_rank, dm.sp_size = rank, 3
+        dm.setup("fit")
+        parts.append(list(dm.train_dataloader()))
+    assert len(whole) > 1
+    for b, batch in enumerate(whole):
+        total = batch["media"].shape[0]
+        assert total > 3
+        for rank in range(3):
+            part = parts[rank][b]
+            assert part["ids"] == batch["ids"]
+            assert all(
+                torch.equal(part[k], batch[k]) for k in ("tokens", "labels", "positions", "document_ids")
+            )
+            share = media_share(total, 3, rank)
+            assert part["media_share"].tolist() == [share.start, share.stop, total]
+            assert torch.equal(part["media"], batch["media"][share])
+    # a file that breaks after the build: this rank names it, or trains on blank frames with a warning
+    dm = VLMDataModule(**make_dm_args(synthetic))
+    dm.sp_rank, dm.sp_size = 0, 2
+    dm.setup("fit")
+    ds = dm.train_dataset
+    sample_id, media, frames = ds[0]["media_refs"][0]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"broken")
+    media = type(media)(type=media.type, path=broken)
+    with caplog.at_level(logging.WARNING):
+        blank = ds.frames_part(sample_id, media, frames, slice(0, 2))
+    assert torch.equal(blank, torch.zeros(2, 3, 32, 32)) and "blank frames" in caplog.text
+    ds.on_bad_media = "error"
+    with pytest.raises(MediaError, match=rf"sample '{sample_id}': video {broken}"):
+        ds.frames_part(sample_id, media, frames, slice(0, 2))
+    with pytest.raises(ConfigError, match="sp_rank=2 is not in"):
+        dm.sp_rank = 2
+        dm.setup("fit")
 
 
 def test_datamodule_config_errors(synthetic):

@@ -12,6 +12,8 @@ Batch contract (every key of :func:`~cupola.collections.vlm.data.conversations.c
                                        order, each sample's media in marker order; SigLIP-normalised,
                                        [-1, 1]. N = (number of media_token_id in tokens) / tokens_per_frame
     ids           list[list[str]]      the sample ids of each row
+    media_share   int64   [3]          only under sequence parallelism (sp_size > 1): media then holds
+                                       frames [first, end) of the batch's total, this SP rank's share
 
 Rows are planned once, when the dataset is built (:class:`PackedConversationDataset`): every
 media file is probed (opened, first frame decoded) for its frame count, every conversation is
@@ -61,8 +63,9 @@ from cupola.toolkit.data.video import (
     to_pixels,
     video_info,
 )
+from cupola.toolkit.parallel.sequence.multimodal import media_share
 
-__all__ = ["DEFAULT_NUM_FRAMES", "PackedConversationDataset", "VLMDataModule"]
+__all__ = ["DEFAULT_NUM_FRAMES", "MediaShareCollate", "PackedConversationDataset", "VLMDataModule"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,8 @@ class PackedConversationDataset(Dataset):
         self.skipped_bad_media = 0
         self.skipped_too_long = 0
         self.bad_files: dict[str, str] = {}  # path -> why it cannot be used
+        # False: rows carry media_refs instead of pixels (MediaShareCollate decodes a share of them)
+        self.decode_media = True
         self._probed: dict[Path, int | MediaError] = {}
 
         kept: list[tuple[Conversation, tuple[int, ...]]] = []
@@ -244,11 +249,22 @@ class PackedConversationDataset(Dataset):
             frames = read_frames(media.path, size=size, **kw)
         return to_pixels(frames, self.image_size)
 
-    def sample(self, j: int) -> dict[str, Any]:
+    def sample(self, j: int, decode: bool = True) -> dict[str, Any]:
         """Sample ``j`` (in packing order) alone: ``id``, ``tokens``/``labels``/``positions``
-        (``int64 [L]``) and ``media`` (``float32 [F, 3, S, S]``, its frames in marker order)."""
+        (``int64 [L]``) and ``media`` (``float32 [F, 3, S, S]``, its frames in marker order).
+        ``decode=False``: no pixels; ``media_refs`` lists ``(sample id, media, frames)`` to decode
+        later (:class:`MediaShareCollate`)."""
         conversation, frames = self.samples[j]
         tokens, labels = self._tokenize(conversation, frames)
+        if not decode:
+            return {
+                "id": conversation.id,
+                "tokens": torch.from_numpy(tokens),
+                "labels": torch.from_numpy(labels),
+                "positions": torch.arange(len(tokens), dtype=torch.int64),
+                "media": None,
+                "media_refs": [(conversation.id, m, f) for m, f in zip(conversation.media, frames)],
+            }
         try:
             pixels = [self._pixels(m) for m in conversation.media]
             for m, f, p in zip(conversation.media, frames, pixels):
@@ -277,10 +293,71 @@ class PackedConversationDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return pack_row([self.sample(j) for j in self.rows[int(i)]], self.seq_len, self.pad_id)
+        if self.decode_media:
+            return pack_row([self.sample(j) for j in self.rows[int(i)]], self.seq_len, self.pad_id)
+        samples = [self.sample(j, decode=False) for j in self.rows[int(i)]]
+        row = pack_row(samples, self.seq_len, self.pad_id)
+        row["media_refs"] = [ref for s in samples for ref in s["media_refs"]]
+        return row
+
+    def frames_part(self, sample_id: str, media: Media, frames: int, part: slice) -> torch.Tensor:
+        """Frames ``part`` of ``media`` (which gives ``frames``), decoded alone: ``float32 [n, 3, S, S]``.
+
+        A file found bad now (changed since the build) raises :class:`MediaError` naming it; with
+        ``on_bad_media="skip"`` it gives blank frames instead, with a warning — the other
+        sequence-parallel ranks hold (and train on) the sample's tokens, so this rank cannot drop
+        them alone."""
+        size = (self.image_size, self.image_size)
+        want = len(range(frames)[part])
+        try:
+            if media.type == "image":
+                pixels = to_pixels(read_image(media.path, size=size)[None], self.image_size)[part]
+            else:
+                kw = {"num_frames": self.num_frames, "fps": self.fps, "max_frames": self.max_frames}
+                pixels = to_pixels(read_frames(media.path, size=size, part=part, **kw), self.image_size)
+            if pixels.shape[0] != want:
+                raise MediaError(
+                    f"{media.type} {media.path} now gives other frames than when the dataset was built "
+                    f"({pixels.shape[0]} where {want} were expected; the file changed: rebuild the dataset)"
+                )
+        except MediaError as e:
+            if self.on_bad_media == "error":
+                raise MediaError(f"sample {sample_id!r}: {e}") from e
+            log.warning(
+                "sample %r: frames %s of its media cannot be read, blank frames used: %s", sample_id, part, e
+            )
+            pixels = torch.zeros(want, 3, self.image_size, self.image_size)
+        return pixels
 
     def __repr__(self) -> str:
         return f"PackedConversationDataset({str(self.path)!r}, seq_len={self.seq_len}: {self.stats})"
+
+
+class MediaShareCollate:
+    """Collate for sequence-parallel training (MM-SP's first stage, at the data): the batch's frames
+    are split into ``sp_size`` equal shares (:func:`~cupola.toolkit.parallel.sequence.multimodal.media_share`,
+    in batch order) and only rank ``sp_rank``'s share is decoded. The batch is
+    :func:`~cupola.collections.vlm.data.conversations.collate_rows`'s, with ``media`` this rank's
+    frames and ``media_share`` = ``int64 [3]`` (first, end, total) of the batch's frames."""
+
+    def __init__(self, dataset: PackedConversationDataset, sp_rank: int, sp_size: int) -> None:
+        self.dataset, self.sp_rank, self.sp_size = dataset, sp_rank, sp_size
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        refs = [ref for r in rows for ref in r.pop("media_refs")]
+        total = sum(frames for _, _, frames in refs)
+        share = media_share(total, self.sp_size, self.sp_rank)
+        pixels, at = [], 0
+        for sample_id, media, frames in refs:
+            lo, hi = max(share.start, at), min(share.stop, at + frames)
+            if lo < hi:
+                pixels.append(self.dataset.frames_part(sample_id, media, frames, slice(lo - at, hi - at)))
+            at += frames
+        batch = collate_rows(rows)
+        size = self.dataset.image_size
+        batch["media"] = torch.cat(pixels) if pixels else torch.zeros(0, 3, size, size)
+        batch["media_share"] = torch.tensor([share.start, share.stop, total])
+        return batch
 
 
 class VLMDataModule(pl.LightningDataModule):
@@ -297,7 +374,9 @@ class VLMDataModule(pl.LightningDataModule):
     ``on_too_long``: ``"error"`` or ``"skip"`` (:class:`PackedConversationDataset`).
 
     ``dp_rank``/``dp_size`` pick this process's share; the trainer glue sets them before ``setup``
-    (default: the torch.distributed rank and world size, or 0 and 1).
+    (default: the torch.distributed rank and world size, or 0 and 1). Under sequence parallelism it
+    also sets ``sp_rank``/``sp_size``: the ranks of an SP group get the same rows, and each decodes
+    only its share of their frames (:class:`MediaShareCollate`).
     """
 
     def __init__(
@@ -358,6 +437,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.dp_rank: int | None = None
         self.dp_size: int | None = None
+        self.sp_rank, self.sp_size = 0, 1
         self.train_dataset: PackedConversationDataset | None = None
         self.val_dataset: PackedConversationDataset | None = None
 
@@ -394,6 +474,11 @@ class VLMDataModule(pl.LightningDataModule):
             self.dp_size = dist.get_world_size() if distributed else 1
         if not 0 <= self.dp_rank < self.dp_size:
             raise ConfigError(f"VLMDataModule: dp_rank={self.dp_rank} is not in [0, dp_size={self.dp_size})")
+        if not 0 <= self.sp_rank < self.sp_size:
+            raise ConfigError(f"VLMDataModule: sp_rank={self.sp_rank} is not in [0, sp_size={self.sp_size})")
+        for dataset in (self.train_dataset, self.val_dataset):
+            if dataset is not None:
+                dataset.decode_media = self.sp_size == 1
         rows = len(self.train_dataset)
         if rows // self.dp_size < self.micro_batch_size:
             raise ConfigError(
@@ -409,7 +494,9 @@ class VLMDataModule(pl.LightningDataModule):
             batch_size=self.micro_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=collate_rows,
+            collate_fn=collate_rows
+            if self.sp_size == 1
+            else MediaShareCollate(dataset, self.sp_rank, self.sp_size),
             drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
