@@ -67,18 +67,20 @@ class KVCache:
         ``layer``); causal among the new tokens unless ``mask`` (``[.., T, length + T]``) says otherwise."""
         past, T = self.length, q_B_H_T_D.shape[2]
         k_B_H_T_D, v_B_H_T_D = self.update(layer, k_B_H_T_D, v_B_H_T_D)
-        if mask is None:  # query i (absolute past + i) sees keys <= past + i
-            device = q_B_H_T_D.device
-            if causal and T > 1:
-                keys = torch.arange(past + T, device=device)
-                mask = keys[None, :] <= (past + torch.arange(T, device=device))[:, None]
-            else:
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=device)  # one new token sees all
+        is_causal = False
+        if mask is None and causal and T > 1:
+            if past == 0:  # a prefill: the fused causal kernels, no T x T mask
+                is_causal = True
+            else:  # query i (absolute past + i) sees keys <= past + i
+                keys = torch.arange(past + T, device=q_B_H_T_D.device)
+                mask = keys[None, :] <= (past + torch.arange(T, device=q_B_H_T_D.device))[:, None]
+        # (one new token, or non-causal: every key is visible, no mask)
         return F.scaled_dot_product_attention(
             q_B_H_T_D,
             k_B_H_T_D,
             v_B_H_T_D,
             attn_mask=mask,
+            is_causal=is_causal,
             enable_gqa=q_B_H_T_D.shape[1] != k_B_H_T_D.shape[1],
         )
 
