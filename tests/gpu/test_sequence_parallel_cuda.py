@@ -50,3 +50,28 @@ def test_cuda_split_blocks_merge_to_the_whole():
     b = block_forward(q, k[:, :, 256:], v[:, :, 256:])
     out, _ = merge(*merge(None, None, *a), *b)
     torch.testing.assert_close(out.to(torch.bfloat16), ref, **TOL)
+
+
+@pytest.mark.parametrize("new", [1, 3])
+def test_cuda_decode_step_folds_grouped_heads_into_the_query(new):
+    """What a sequence-parallel decoding step runs on each rank's part of the cache: the query's
+    grouped heads folded into its length (no copy of the cache per head), against SDPA with
+    grouped-query attention; and two parts of the cache merged equal the whole (bf16)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, Hq, Hkv, L, D = 1, 32, 8, 3000, 128
+    q = torch.randn(B, Hq, 1, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    folded = q.reshape(B, Hkv, Hq // Hkv, D)
+    parts = [block_forward(folded, k[:, :, s], v[:, :, s]) for s in (slice(0, 1234), slice(1234, L))]
+    out, _ = merge(*merge(None, None, *parts[0]), *parts[1])
+    torch.testing.assert_close(out.reshape(B, Hq, 1, D).to(torch.bfloat16), ref, **TOL)
+    if new > 1:  # several new tokens on the rank that stores them: causal among themselves
+        qn = torch.randn(B, Hq, new, D, generator=g, device="cuda", dtype=torch.bfloat16)
+        dense = torch.ones(new, L, dtype=torch.bool, device="cuda")
+        dense[:, L - new :] = torch.ones(new, new, dtype=torch.bool, device="cuda").tril()
+        ref = F.scaled_dot_product_attention(qn, k, v, attn_mask=dense, enable_gqa=True)
+        rows = torch.arange(new, device="cuda").repeat(Hq // Hkv)
+        mask = torch.arange(L, device="cuda")[None, :] <= (L - new + rows)[:, None]
+        got, _ = block_forward(qn.reshape(B, Hkv, Hq // Hkv * new, D), k, v, mask)
+        torch.testing.assert_close(got.reshape(B, Hq, new, D), ref, **TOL)
