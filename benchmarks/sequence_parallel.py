@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _results import gpu_meta, results_path
 
 from cupola.toolkit.parallel.dims import ParallelDims
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _time(fn, warmup: int, iters: int, sync: bool = True) -> tuple[float, float]:
@@ -247,17 +244,9 @@ def _format_row(row: dict) -> str:
 
 
 def _write(rows: list[dict], args, world: int, checks: dict) -> None:
-    device = torch.cuda.get_device_name(0)
-    slug = device.replace("NVIDIA ", "").replace(" ", "_").lower()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"sequence_parallel_{slug}_{world}gpu.json"
+    out = results_path("sequence_parallel", world)
     meta = {
-        "device": device,
-        "gpus": world,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "python": platform.python_version(),
+        **gpu_meta(world),
         "shape": {
             "heads": args.heads,
             "kv_heads": args.kv_heads,
@@ -284,7 +273,7 @@ def _write(rows: list[dict], args, world: int, checks: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("attention fwd+bwd tokens/s")
-        ax.set_title(f"sequence-parallel attention, {world}x {device}")
+        ax.set_title(f"sequence-parallel attention, {world}x {meta['device']}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -22,20 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _results import gpu_meta, results_path
 
 from cupola.collections.llm.generate import decode
 from cupola.collections.llm.models.gpt import GPT, gpt_config
 from cupola.collections.llm.models.gpt.parallelize import apply_sp
 from cupola.toolkit.parallel.dims import ParallelDims
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _median_seconds(fn, iters: int, sync: bool) -> float:
@@ -156,17 +153,9 @@ def _format(row: dict) -> str:
 
 
 def _write(rows: list[dict], args, world: int) -> None:
-    device = torch.cuda.get_device_name(0)
-    slug = device.replace("NVIDIA ", "").replace(" ", "_").lower()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"sequence_parallel_decode_{slug}_{world}gpu.json"
+    out = results_path("sequence_parallel_decode", world)
     meta = {
-        "device": device,
-        "gpus": world,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "python": platform.python_version(),
+        **gpu_meta(world),
         "model": {"shape": "llama3_8b", "layers": args.layers, "dtype": "bf16", "batch": 1},
         "decoded_tokens_timed": args.new,
         "timing": {"iters": args.iters, "statistic": "median"},
