@@ -1,0 +1,1 @@
+"""World foundation models (Cosmos): video tokenizers, diffusion and autoregressive world models."""
