@@ -74,10 +74,11 @@ def read_config(checkpoint_dir: str | os.PathLike[str]) -> dict:
     return json.loads(path.read_text())
 
 
-def load_state_dict(checkpoint_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``."""
+def load_state_dict(checkpoint_dir: str | os.PathLike[str], stem: str = "model") -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors``, or of the shards listed in ``model.safetensors.index.json``
+    (``stem``: another file name, e.g. diffusers' ``diffusion_pytorch_model``)."""
     folder = Path(checkpoint_dir)
-    single, index = folder / SAFETENSORS_NAME, folder / SAFETENSORS_INDEX_NAME
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
         return load_file(single)
     if index.is_file():
@@ -91,7 +92,7 @@ def load_state_dict(checkpoint_dir: str | os.PathLike[str]) -> dict[str, torch.T
         return state_dict
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise FileNotFoundError(
-        f"no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME} in {folder} (found: {present}); "
+        f"no {single.name} or {index.name} in {folder} (found: {present}); "
         "only safetensors checkpoints are read"
     )
 
