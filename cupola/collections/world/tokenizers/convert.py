@@ -83,8 +83,9 @@ def diffusers_config(config: dict) -> TokenizerConfig:
 
 
 def from_diffusers_state_dict(cfg: TokenizerConfig, state_dict: dict[str, torch.Tensor]) -> VideoTokenizer:
-    """A :class:`VideoTokenizer` holding an ``AutoencoderKLCosmos`` state dict's weights (strict)."""
-    model = VideoTokenizer(cfg)
+    """A :class:`VideoTokenizer` holding an ``AutoencoderKLCosmos`` state dict's weights (strict), in
+    their dtype."""
+    model = VideoTokenizer(cfg).to(next(iter(state_dict.values())).dtype)
     expected = model.state_dict()
     weights = {}
     for key, tensor in state_dict.items():

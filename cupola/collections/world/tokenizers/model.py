@@ -171,8 +171,8 @@ def tokenizer_config(flavor: str, **overrides: object) -> TokenizerConfig:
     """A validated copy of ``TOKENIZER_FLAVORS[flavor]`` with ``overrides`` applied."""
     if flavor not in TOKENIZER_FLAVORS:
         raise ConfigError(
-            f"unknown tokenizer flavor {flavor!r}{suggest(flavor, TOKENIZER_FLAVORS)}; choose one of "
-            f"{sorted(TOKENIZER_FLAVORS)}"
+            f"unknown tokenizer flavor {flavor!r}; choose one of {sorted(TOKENIZER_FLAVORS)}."
+            f"{suggest(flavor, TOKENIZER_FLAVORS)}"
         )
     cfg = dataclasses.replace(TOKENIZER_FLAVORS[flavor], **overrides)
     cfg.validate()
