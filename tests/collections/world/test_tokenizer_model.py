@@ -88,7 +88,7 @@ def test_converter_is_strict(tmp_path):
     state = ref.state_dict()
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         from_diffusers_state_dict(cfg, {k: v for k, v in state.items() if k != "quant_conv.bias"})
-    with pytest.raises(ValueError, match="'encoder.extra.weight'.*has no place"):
+    with pytest.raises(ValueError, match=r"'encoder\.extra\.weight'.*has no place"):
         from_diffusers_state_dict(cfg, {**state, "encoder.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="not a diffusers AutoencoderKLCosmos"):
         diffusers_config({"_class_name": "AutoencoderKL"})
@@ -196,7 +196,7 @@ def test_every_flavor_is_listed_and_valid():
         "di16x16",
         "tiny",
     } <= set(TOKENIZER_FLAVORS)
-    with pytest.raises(ConfigError, match="unknown tokenizer flavor 'cv4x8'.*Did you mean: cv4x8x8"):
+    with pytest.raises(ConfigError, match=r"unknown tokenizer flavor 'cv4x8'.*Did you mean: cv4x8x8"):
         tokenizer_config("cv4x8")
 
 
