@@ -30,7 +30,9 @@ __all__ = [
     "MediaError",
     "VideoInfo",
     "image_info",
+    "probe_video",
     "read_frames",
+    "read_frames_at",
     "read_image",
     "sample_indices",
     "to_pixels",
@@ -210,6 +212,69 @@ def read_frames(
             height, width = size if size is not None else _unpadded(reader[0]).shape[:2]
             return np.zeros((0, height, width, 3), dtype=np.uint8)
     return _decode(reader, indices, Path(path))
+
+
+def _open_video_source(video: str | Path | bytes, size: tuple[int, int] | None, name: str | None):
+    # -> (decord.VideoReader, the name errors use)
+    if not isinstance(video, (bytes, bytearray, memoryview)):
+        return _open_video(video, size), str(Path(video).expanduser())
+    import io
+
+    import decord
+
+    name = name or f"<{len(video)} bytes>"
+    height, width = (-1, -1) if size is None else _check_size(size)
+    if len(video) == 0:
+        raise MediaError(f"video {name} is empty (0 bytes)")
+    try:
+        reader = decord.VideoReader(io.BytesIO(video), ctx=decord.cpu(0), width=width, height=height)
+    except (RuntimeError, decord.DECORDError) as e:
+        # decord echoes the bytes as the "file name" before FFmpeg's reason: keep only the reason
+        lines = str(e).strip().splitlines()
+        reason = lines[-1].rsplit(", ", 1)[-1][:200] if lines else type(e).__name__
+        raise MediaError(
+            f"video {name} cannot be opened: corrupt, truncated, or not a video with a video stream "
+            f"(decord: {reason})"
+        ) from e
+    if len(reader) == 0:
+        raise MediaError(f"video {name} holds no frames")
+    fps = reader.get_avg_fps()
+    if not np.isfinite(fps) or fps <= 0:
+        raise MediaError(f"video {name} reports a frame rate of {fps}; cannot sample it in time")
+    return reader, name
+
+
+def probe_video(video: str | Path | bytes, *, name: str | None = None) -> VideoInfo:
+    """:func:`video_info` of a path, or of a video file's bytes held in memory (e.g. a tar member);
+    ``name`` is what errors call in-memory bytes (e.g. ``"shard.tar:key.mp4"``)."""
+    reader, name = _open_video_source(video, None, name)
+    height, width = _decode(reader, [0], name).shape[1:3]
+    return VideoInfo(
+        frames=len(reader), fps=float(reader.get_avg_fps()), width=int(width), height=int(height)
+    )
+
+
+def read_frames_at(
+    video: str | Path | bytes,
+    indices: Sequence[int],
+    *,
+    size: tuple[int, int] | None = None,
+    name: str | None = None,
+) -> np.ndarray:
+    """Frames ``indices`` of a video (a path, or its bytes as in :func:`probe_video`) as
+    ``uint8 [F, H, W, 3]`` (RGB), decoding only those; ``size=(H, W)`` resizes inside the decoder
+    as in :func:`read_frames`. An index outside the video raises :class:`MediaError`."""
+    reader, name = _open_video_source(video, size, name)
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("indices is empty: give at least one frame index")
+    outside = [i for i in indices if not 0 <= i < len(reader)]
+    if outside:
+        raise MediaError(
+            f"video {name} holds {len(reader)} frames; frame {outside[0]} was asked for "
+            "(did the file change since it was probed?)"
+        )
+    return _decode(reader, indices, name)
 
 
 def _open_image(path: str | Path):  # -> PIL.Image.Image

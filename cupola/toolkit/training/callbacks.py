@@ -124,7 +124,7 @@ class Throughput(pl.Callback):
             "throughput/tokens_per_sec_per_device": tokens_per_sec / self.world_size,
         }
         peak = peak_flops_per_device(pl_module.device, self.precision)
-        if peak:
+        if peak and self.flops_per_token:
             self.last["throughput/mfu"] = self.flops_per_token * tokens_per_sec / (peak * self.world_size)
         for key, value in self.last.items():
             pl_module.log(
