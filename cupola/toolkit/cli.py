@@ -43,6 +43,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a model: perplexity, MMLU-format multiple choice; `cupola eval niah`: video needle-in-a-haystack",
         "cupola.collections.llm.eval_cli:configure",
     ),
+    "world": (
+        "video tokenizers: tokenize / detokenize a video, evaluate a tokenizer (PSNR, SSIM)",
+        "cupola.collections.world.cli:configure",
+    ),
     "vlm": (
         "talk to a VLM run about a video or an image (cupola vlm chat)",
         "cupola.collections.vlm.cli:configure",

@@ -31,9 +31,17 @@ class FSQ(nn.Module):
             )
         self.levels = tuple(levels)
         self.eps = eps
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
-        basis = [math.prod(levels[:i]) for i in range(len(levels))]
-        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        self._basis_values = tuple(math.prod(levels[:i]) for i in range(len(levels)))
+        # tables made on use, not buffers: a model built on the meta device and materialised with
+        # to_empty() would hold garbage in non-persistent buffers
+
+    @property
+    def _levels(self) -> torch.Tensor:
+        return torch.tensor(self.levels, dtype=torch.float32)
+
+    @property
+    def _basis(self) -> torch.Tensor:
+        return torch.tensor(self._basis_values, dtype=torch.int64)
 
     @property
     def dim(self) -> int:
@@ -49,7 +57,7 @@ class FSQ(nn.Module):
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """Squash each channel into ``(-(L-1)/2, (L-1)/2)`` (shifted by 1/2 for even ``L``), so rounding
         lands on exactly ``L`` integers."""
-        levels = self._shape(self._levels.to(z.dtype), z.ndim)
+        levels = self._shape(self._levels.to(z.device, z.dtype), z.ndim)
         half = (levels - 1) * (1 + self.eps) / 2
         offset = torch.where(levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
@@ -60,15 +68,19 @@ class FSQ(nn.Module):
             raise ValueError(f"FSQ: {z.shape[1]} channels on dim 1, expected {self.dim} (one per level)")
         bounded = self.bound(z)
         rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through
-        half_width = self._shape(torch.div(self._levels, 2, rounding_mode="floor").to(z.dtype), z.ndim)
+        half_width = self._shape(
+            torch.div(self._levels, 2, rounding_mode="floor").to(z.device, z.dtype), z.ndim
+        )
         codes = rounded / half_width
         return codes, self.codes_to_indices(codes)
 
     def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, d, *]`` in [-1, 1] → indices ``[B, *]`` in ``[0, codebook_size)``."""
-        half_width = self._shape(torch.div(self._levels, 2, rounding_mode="floor"), codes.ndim)
+        half_width = self._shape(
+            torch.div(self._levels, 2, rounding_mode="floor").to(codes.device), codes.ndim
+        )
         digits = torch.round(codes.float() * half_width + half_width).long()
-        return (digits * self._shape(self._basis, codes.ndim)).sum(1)
+        return (digits * self._shape(self._basis.to(codes.device), codes.ndim)).sum(1)
 
     def indices_to_codes(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Indices ``[B, *]`` → codes ``[B, d, *]`` in [-1, 1] (what :meth:`forward` returned for them)."""
@@ -76,8 +88,8 @@ class FSQ(nn.Module):
             raise ValueError(
                 f"FSQ indices must lie in [0, {self.codebook_size}); got [{int(indices.min())}, {int(indices.max())}]"
             )
-        basis = self._basis.view(1, -1, *([1] * (indices.ndim - 1)))
-        levels = self._levels.long().view(1, -1, *([1] * (indices.ndim - 1)))
+        basis = self._basis.to(indices.device).view(1, -1, *([1] * (indices.ndim - 1)))
+        levels = self._levels.long().to(indices.device).view(1, -1, *([1] * (indices.ndim - 1)))
         digits = (indices.unsqueeze(1) // basis) % levels
         half_width = torch.div(levels, 2, rounding_mode="floor")
         return ((digits - half_width).to(dtype)) / half_width.to(dtype)
