@@ -59,7 +59,7 @@ class FSQ(nn.Module):
         lands on exactly ``L`` integers."""
         levels = self._shape(self._levels.to(z.device, z.dtype), z.ndim)
         half = (levels - 1) * (1 + self.eps) / 2
-        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(z.dtype)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
 
