@@ -107,7 +107,10 @@ def bench_flavor(flavor: str, args, rows: list, growth: list) -> None:
         dk = {"chunk_latents": per_chunk} if chunked else {}
         row = {"flavor": flavor, "clip": [T, H, W], "chunked": chunked, "results": {}}
         s, m, y = _time(lambda: decode_video(ours, latent(encode_video(ours, x, **kw)), **dk), args.iters)  # noqa: B023
-        row["results"]["cupola_chunked" if chunked else "cupola"] = {"ms_per_frame": 1e3 * s / T, "peak_gib": m}
+        row["results"]["cupola_chunked" if chunked else "cupola"] = {
+            "ms_per_frame": 1e3 * s / T,
+            "peak_gib": m,
+        }
         torch.cuda.empty_cache()
         if chunked:  # and in one shot, as diffusers runs it
             s, m, y = _time(lambda: ours.decode(latent(ours.encode(x))), args.iters)  # noqa: B023
@@ -131,10 +134,8 @@ def bench_flavor(flavor: str, args, rows: list, growth: list) -> None:
     for T in (33, 65, 121):  # cupola's chunked memory as the video grows
         x = torch.rand(1, 3, T, 720, 1280, device="cuda", dtype=torch.bfloat16) * 2 - 1
         s, m, _ = _time(
-            lambda: decode_video(
-                ours,
-                latent(encode_video(ours, x, chunk_frames=args.chunk_frames)),
-                chunk_latents=per_chunk,  # noqa: B023
+            lambda x=x: decode_video(
+                ours, latent(encode_video(ours, x, chunk_frames=args.chunk_frames)), chunk_latents=per_chunk
             ),
             1,
         )
