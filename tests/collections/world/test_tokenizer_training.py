@@ -199,3 +199,29 @@ def test_tokenizer_eval_writes_scores_and_side_by_side(runs, tmp_path):
     assert results["videos"] == 1 and results["tokenizer"] == "CV4x8x8"
     assert 5 < results["psnr"] < 60 and 0 < results["ssim"] <= 1
     assert (out / "side_by_side.png").stat().st_size > 500 and (out / "side_by_side.mp4").stat().st_size > 500
+
+
+def test_every_world_recipe_builds_and_validates_with_tiny_overrides(tmp_path):
+    import fiddle as fdl
+
+    from cupola.collections.world.tokenizers import tokenizer_config
+    from cupola.recipes.llm import as_config
+    from cupola.toolkit.config import validate
+
+    recipes = catalog("world")
+    flavors = ("cv4x8x8", "cv8x8x8", "cv8x16x16", "dv4x8x8", "dv8x8x8", "dv8x16x16", "ci8x8", "di16x16")
+    assert {f"cosmos_tokenizer_{f}_{kind}" for f in flavors for kind in ("train", "finetune")} <= set(recipes)
+    for name, factory in recipes.items():
+        recipe = factory()
+        big = fdl.build(recipe.model)
+        assert name.startswith("cosmos_tokenizer_tiny") or big.fsq_levels == (
+            (8, 8, 8, 5, 5, 5) if "_dv" in name or "_di" in name else None
+        )
+        recipe.model = as_config(tokenizer_config("tiny_dv" if big.discrete else "tiny"))
+        recipe.data.train, recipe.data.val = "synthetic:digits", None
+        recipe.data.num_frames, recipe.data.size = 9, 32
+        recipe.trainer.output_dir, recipe.trainer.devices = str(tmp_path / name), 1
+        recipe.init_from = None
+        call = fdl.build(recipe)
+        for value in call.keywords.values():
+            validate(value)
