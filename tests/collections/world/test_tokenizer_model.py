@@ -217,3 +217,12 @@ def test_bad_inputs_name_the_fix():
     )
     with pytest.raises(ValueError, match="an image tokenizer takes T = 1 frame"):
         image.encode(torch.zeros(1, 3, 5, 32, 32))
+
+
+def test_chunked_encode_takes_uint8_pixels_and_keeps_results_where_the_video_is():
+    model = _tiny()
+    pixels = torch.randint(0, 256, (1, 3, 9, 32, 32), dtype=torch.uint8)
+    as_float = pixels.double() / 127.5 - 1.0
+    z = encode_video(model, pixels, chunk_frames=4)
+    torch.testing.assert_close(z, encode_video(model, as_float), rtol=0, atol=1e-12)
+    assert z.device == pixels.device and z.dtype == torch.float64

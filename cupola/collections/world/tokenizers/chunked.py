@@ -67,15 +67,15 @@ def _tiled(
             y = fn(x[..., r : r + th, c : c + tw])
             if out is None:
                 shape = (*y.shape[:-2], round(H * scale), round(W * scale))
-                out = y.new_zeros(shape)
-                weight = y.new_zeros(shape[-2:])
+                out = y.new_zeros(shape, device=x.device)
+                weight = y.new_zeros(shape[-2:], device=x.device)
             oy, ox = round(r * scale), round(c * scale)
             lead_r = round(overlap * scale) if i > 0 else 0
             trail_r = round(overlap * scale) if i < len(rows) - 1 else 0
             lead_c = round(overlap * scale) if j > 0 else 0
             trail_c = round(overlap * scale) if j < len(cols) - 1 else 0
-            w = _ramp(y.shape[-2], lead_r, trail_r, y.device, y.dtype)[:, None] * _ramp(
-                y.shape[-1], lead_c, trail_c, y.device, y.dtype
+            w = _ramp(y.shape[-2], lead_r, trail_r, x.device, y.dtype)[:, None] * _ramp(
+                y.shape[-1], lead_c, trail_c, x.device, y.dtype
             )
             out[..., oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += y * w
             weight[oy : oy + y.shape[-2], ox : ox + y.shape[-1]] += w
@@ -104,7 +104,11 @@ def encode_video(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The latent (CV) or ``(codes, indices)`` (DV) of a whole video, computed ``chunk_frames`` frames
     at a time (default: all at once) and, for frames larger than ``tile`` pixels, tile by tile.
-    ``progress(done, total)`` is called after each chunk of each tile."""
+    ``progress(done, total)`` is called after each chunk of each tile.
+
+    The model runs on its own device; ``x`` may live elsewhere (a long video in host memory, even as
+    ``uint8`` pixels in [0, 255]): each chunk is moved and converted on its way in, and the result
+    is returned on ``x``'s device — so GPU memory holds one chunk, not the video."""
     cfg = model.cfg
     t, s = cfg.temporal_compression, cfg.spatial_compression
     model.check_input(x_B_3_T_H_W)
@@ -119,10 +123,15 @@ def encode_video(
             bounds.append((bounds[-1][1], min(T, bounds[-1][1] + per)))
     tick = _ticker(progress, len(bounds) * _n_tiles(x_B_3_T_H_W, tile, tile_overlap))
 
+    param = next(model.parameters())
+
     def encode_tile(x: torch.Tensor) -> torch.Tensor:
         stream, parts = Stream(), []
         for a, b in bounds:
-            parts.append(model.encode_latent(x[:, :, a:b], stream))
+            chunk = x[:, :, a:b].to(param.device, non_blocking=True)
+            if chunk.dtype == torch.uint8:  # [0, 255] pixels, converted a chunk at a time
+                chunk = chunk.to(param.dtype) / 127.5 - 1.0
+            parts.append(model.encode_latent(chunk, stream).to(x.device))
             stream.next_chunk()
             tick()
         return torch.cat(parts, dim=2)
@@ -142,7 +151,8 @@ def decode_video(
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Pixels ``[B, 3, T, H, W]`` from a latent (CV) or codes (DV), ``chunk_latents`` latent frames at
-    a time (default: all at once); ``tile``/``tile_overlap`` in output pixels."""
+    a time (default: all at once); ``tile``/``tile_overlap`` in output pixels. The pixels are
+    returned on ``z``'s device (pass a latent in host memory to keep a long video off the GPU)."""
     s = model.cfg.spatial_compression
     _check_tile(model, tile, tile_overlap, s)
     n = z_B_C_t_h_w.shape[2]
@@ -151,10 +161,13 @@ def decode_video(
     latent_tile = None if tile is None else tile // s
     tick = _ticker(progress, len(bounds) * _n_tiles(z_B_C_t_h_w, latent_tile, tile_overlap // s))
 
+    param = next(model.parameters())
+
     def decode_tile(z: torch.Tensor) -> torch.Tensor:
         stream, parts = Stream(), []
         for a, b in bounds:
-            parts.append(model.decode(z[:, :, a:b], stream))
+            chunk = z[:, :, a:b].to(param.device, param.dtype, non_blocking=True)
+            parts.append(model.decode(chunk, stream).to(z.device))
             stream.next_chunk()
             tick()
         return torch.cat(parts, dim=2)
