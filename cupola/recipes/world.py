@@ -179,3 +179,17 @@ def cosmos_tokenizer_tiny_finetune(output_dir: str = "runs/cosmos_tokenizer_tiny
         checkpoint_every=50,
         val_every=50,
     )
+
+
+@recipe
+def cosmos_tokenizer_tiny_adversarial(
+    output_dir: str = "runs/cosmos_tokenizer_tiny_adversarial",
+) -> run.Partial:
+    """CPU: the adversarial stage after reconstruction training — the tiny tokenizer from
+    ``runs/cosmos_tokenizer_tiny_train`` with a 3D PatchGAN discriminator (hinge loss, weight 0.1)."""
+    base = cosmos_tokenizer_tiny_finetune(output_dir)
+    base.data = _clips("tiny", "synthetic:digits", "synthetic:digits:val", 32, 4)
+    base.loss = run.Config(
+        ReconstructionLossConfig, adversarial=0.1, adversarial_start_step=0, discriminator_channels=16
+    )
+    return base

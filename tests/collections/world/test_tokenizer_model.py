@@ -226,3 +226,29 @@ def test_chunked_encode_takes_uint8_pixels_and_keeps_results_where_the_video_is(
     z = encode_video(model, pixels, chunk_frames=4)
     torch.testing.assert_close(z, encode_video(model, as_float), rtol=0, atol=1e-12)
     assert z.device == pixels.device and z.dtype == torch.float64
+
+
+def test_adversarial_losses_route_each_gradient_to_its_own_player():
+    """One backward of the combined loss gives the tokenizer exactly grad(w L_G) and the
+    discriminator exactly grad(L_D), as two separate optimizers would."""
+    from cupola.collections.world.tokenizers.adversarial import PatchDiscriminator3D, adversarial_losses
+
+    model = _tiny()
+    torch.manual_seed(3)
+    disc = PatchDiscriminator3D(channels=8, layers=2).double()
+    x, w = _video(5), 0.7
+    tok_params, disc_params = list(model.parameters()), list(disc.parameters())
+
+    total, terms = adversarial_losses(disc, x, model(x), w)
+    got = torch.autograd.grad(total, tok_params + disc_params, allow_unused=True)
+
+    y = model(x)
+    want_tok = torch.autograd.grad(-w * disc(y).mean(), tok_params, allow_unused=True)
+    d_loss = torch.relu(1 - disc(x)).mean() + torch.relu(1 + disc(y.detach())).mean()
+    want_disc = torch.autograd.grad(d_loss, disc_params)
+    for g, want in zip(got, [*want_tok, *want_disc], strict=True):
+        if want is None:
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(terms["adversarial_d"], d_loss.detach())

@@ -81,6 +81,24 @@ def test_finetune_starts_from_the_run_and_checks_its_shape(runs, tmp_path):
         tokenizer_sources(str(runs["cv"]), tokenizer_config("tiny_dv"))
 
 
+def test_adversarial_stage_trains_resumes_and_loads_as_a_plain_tokenizer(runs, tmp_path):
+    from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+    from cupola.toolkit.training.logs import loss_curves
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    start = (f"init_from={runs['cv']}", "loss.adversarial_start_step=1")
+    spawn(_train, 1, "cosmos_tokenizer_tiny_adversarial", str(whole), 3, start)
+    g, d = _series(whole, "train/adversarial_g"), _series(whole, "train/adversarial_d")
+    assert len(g) == len(d) == 3 and all(np.isfinite(g + d))
+    spawn(_train, 1, "cosmos_tokenizer_tiny_adversarial", str(parts), 2, start)
+    spawn(
+        _train, 1, "cosmos_tokenizer_tiny_adversarial", str(parts), 3, start
+    )  # the discriminator resumes too
+    assert loss_curves(parts)["train"] == loss_curves(whole)["train"]
+    model = load_tokenizer(whole)  # the tokenizer alone, the discriminator left behind
+    assert not any(k.startswith("discriminator") for k in model.state_dict())
+
+
 def _synthetic_video(root: Path) -> Path:
     from cupola.collections.world.data.synthetic import write_moving_digits
 

@@ -45,6 +45,10 @@ def _weights(path: str) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
     ckpt = run_checkpoint(path)
     if ckpt is not None:
         weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
+        # an adversarial-stage run also holds its discriminator: the tokenizer is what is wanted
+        weights = {
+            k.removeprefix("tokenizer."): v for k, v in weights.items() if not k.startswith("discriminator.")
+        }
         return _run_config(ckpt), weights
     from cupola.collections.world.tokenizers.convert import load_diffusers_tokenizer
 

@@ -1,6 +1,6 @@
-"""The tokenizer LightningModule: reconstruct clips (L1 + perceptual + Gram on a schedule), log
-PSNR; weights from the seed, a cupola tokenizer run (fine-tuning) or a diffusers
-``AutoencoderKLCosmos`` folder."""
+"""The tokenizer LightningModule: reconstruct clips (L1 + perceptual + Gram on a schedule, and the
+optional adversarial stage), log PSNR; weights from the seed, a cupola tokenizer run (fine-tuning)
+or a diffusers ``AutoencoderKLCosmos`` folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cupola.collections.world.tokenizers.adversarial import (
+    PatchDiscriminator3D,
+    TokenizerWithDiscriminator,
+    adversarial_losses,
+)
 from cupola.collections.world.tokenizers.losses import ReconstructionLoss, ReconstructionLossConfig
 from cupola.collections.world.tokenizers.model import TokenizerConfig, VideoTokenizer
 from cupola.toolkit.config import ConfigError
@@ -47,7 +52,15 @@ def parallelize_tokenizer(
                 f"parallel.{name}={degree} is not supported for tokenizers; use data parallelism "
                 "(parallel.dp_shard / dp_replicate)"
             )
-    units = [*model.encoder.stages, model.encoder.mid, model.decoder.mid, *model.decoder.stages]
+    tokenizer = getattr(model, "tokenizer", model)  # TokenizerWithDiscriminator in the adversarial stage
+    units = [
+        *tokenizer.encoder.stages,
+        tokenizer.encoder.mid,
+        tokenizer.decoder.mid,
+        *tokenizer.decoder.stages,
+    ]
+    if tokenizer is not model:
+        units.append(model.discriminator)
     if compile:
         for unit in units:
             unit.compile()
@@ -86,7 +99,11 @@ class TokenizerModule(ParallelModule):
         self.criterion = ReconstructionLoss(loss)
 
     def build_model(self) -> nn.Module:
-        return VideoTokenizer(self.config)
+        if not self.loss_cfg.adversarial:
+            return VideoTokenizer(self.config)
+        return TokenizerWithDiscriminator(
+            VideoTokenizer(self.config), PatchDiscriminator3D(self.loss_cfg.discriminator_channels)
+        )
 
     def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
         return parallelize_tokenizer(
@@ -108,12 +125,23 @@ class TokenizerModule(ParallelModule):
             return None
         from cupola.collections.world.tokenizers.checkpoint import tokenizer_sources
 
-        return tokenizer_sources(self.init_from, self.config)
+        sources = tokenizer_sources(self.init_from, self.config)
+        return {f"tokenizer.{k}": v for k, v in sources.items()} if self.loss_cfg.adversarial else sources
+
+    def initial_weights_keep(self) -> tuple[str, ...]:
+        return ("discriminator.",)  # a discriminator starts fresh (checkpoints keep the tokenizer only)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = batch["video"]
         y = self.model(x)
         total, terms = self.criterion(x, y.float(), self.global_step)
+        if self.loss_cfg.adversarial:
+            on = self.global_step >= self.loss_cfg.adversarial_start_step
+            adversarial, more = adversarial_losses(
+                self.model.discriminator, x, y, self.loss_cfg.adversarial if on else 0.0
+            )
+            total = total + adversarial
+            terms = {**terms, **more}
         stage = "train" if self.training else "val"
         for name, value in terms.items():
             self.log(

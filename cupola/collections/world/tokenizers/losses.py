@@ -42,9 +42,13 @@ class ReconstructionLossConfig:
     gram_start_step: int = 0
     vgg_weights: str | None = None  # local torchvision vgg16 state dict (.pth / .safetensors)
     lpips_weights: str | None = None  # local LPIPS linear heads for the VGG layers (optional)
+    # the adversarial stage (0: none): a 3D PatchGAN discriminator trains with the tokenizer
+    adversarial: float = 0.0
+    adversarial_start_step: int = 0
+    discriminator_channels: int = 64
 
     def validate(self) -> None:
-        for name in ("l1", "perceptual", "gram"):
+        for name in ("l1", "perceptual", "gram", "adversarial"):
             if getattr(self, name) < 0:
                 raise config_error(self, name, getattr(self, name), "must be >= 0")
         for name in ("vgg_weights", "lpips_weights"):
