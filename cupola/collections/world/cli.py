@@ -51,7 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     detok.add_argument("output", help="the .mp4 to write")
     detok.set_defaults(handler=_detokenize)
 
-    ev = sub.add_parser("tokenizer-eval", help="PSNR / SSIM of reconstructions of a folder of videos")
+    ev = sub.add_parser(
+        "tokenizer-eval", help="PSNR / SSIM (and rFVD) of reconstructions of a folder of videos"
+    )
     common(ev)
     ev.add_argument("--videos", required=True, help="a folder of videos, a video, a .txt list or .tar shards")
     ev.add_argument("--frames", type=int, default=17, help="clip length (1 + t*k; default 17)")
@@ -59,6 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--size", type=int, default=256, help="clips resized and centre-cropped to this (default 256)"
     )
     ev.add_argument("--max-videos", type=int, help="only the first N videos")
+    ev.add_argument("--i3d", metavar="FILE", help="a local TorchScript I3D: adds rFVD (see the world README)")
     ev.add_argument(
         "--out", metavar="DIR", help="results.json, side_by_side.png/.mp4 (default: CHECKPOINT/eval)"
     )
@@ -246,14 +249,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             chunk_frames=args.chunk_frames,
             tile=args.tile,
             tile_overlap=args.tile_overlap,
+            i3d=args.i3d,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"cupola: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     paths = save_evaluation(results, out)
+    rfvd = "" if results["rfvd"] is None else f", rFVD {results['rfvd']:.2f}"
     print(
-        f"cupola: {results['videos']} videos: PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f} "
+        f"cupola: {results['videos']} videos: PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}{rfvd} "
         f"-> {paths['json']}"
     )
     return 0

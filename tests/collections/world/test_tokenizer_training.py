@@ -243,3 +243,43 @@ def test_every_world_recipe_builds_and_validates_with_tiny_overrides(tmp_path):
         call = fdl.build(recipe)
         for value in call.keywords.values():
             validate(value)
+
+
+class _StandInI3D(torch.nn.Module):
+    """Has the TorchScript I3D's call signature; features = per-channel moments over time and space."""
+
+    def forward(
+        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = True
+    ):
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(-1), flat.std(-1), flat.abs().mean(-1), (flat**2).mean(-1)], 1)
+
+
+def test_tokenizer_eval_adds_rfvd_with_a_local_i3d(runs, tmp_path):
+    from cupola.collections.world.data.synthetic import write_moving_digits
+    from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+    from cupola.collections.world.tokenizers.evaluate import I3DFeatures, evaluate_tokenizer
+    from cupola.toolkit.cli import main
+
+    i3d = tmp_path / "i3d.pt"
+    torch.jit.script(_StandInI3D()).save(str(i3d))
+    assert I3DFeatures(i3d).num_features == 12
+    videos = tmp_path / "videos"
+    write_moving_digits(videos, num_videos=4, frames=12, size=32, seed=7)
+    out = tmp_path / "eval"
+    argv = ["world", "tokenizer-eval", "--checkpoint", str(runs["cv"]), "--videos", str(videos)]
+    argv += ["--frames", "9", "--size", "32", "--out", str(out), "--i3d", str(i3d)]
+    assert main(argv) == 0
+    rfvd = json.loads((out / "results.json").read_text())["rfvd"]
+    assert rfvd > 0
+    # a perfect reconstruction has rFVD 0: the metric compares what it should
+    model = load_tokenizer(runs["cv"])
+    model.decode = lambda z, stream=None: identity.pop(0)
+    from cupola.collections.world.data.clips import VideoClipDataset
+
+    clips = VideoClipDataset(str(videos), num_frames=9, size=32, train=False)
+    identity = [clips[i]["video"][None] for i in range(len(clips))]
+    same = evaluate_tokenizer(model, videos, num_frames=9, size=32, i3d=i3d)
+    assert abs(same["rfvd"]) < 1e-3 < rfvd
+    assert same["psnr"] > 60  # (torchmetrics caps a zero error at a finite PSNR)
+    assert main([*argv[:-2], "--i3d", str(tmp_path / "missing.pt")]) == 2

@@ -1,6 +1,14 @@
 """Tokenizer evaluation: reconstruct clips of a set of videos and score them with torchmetrics' PSNR
-and SSIM (data range [-1, 1]); a side-by-side PNG (input row over reconstruction row) and MP4 of
-the first clip beside the numbers."""
+and SSIM (data range [-1, 1]) and, given a local I3D, rFVD (the Fréchet distance between I3D
+features of the inputs and of the reconstructions, computed by torchmetrics' Fréchet code with the
+I3D as its feature network); a side-by-side PNG (input row over reconstruction row) and MP4 of
+the first clip beside the numbers.
+
+I3D: a TorchScript file following the convention of the FVD implementations that match the
+original TensorFlow FVD (StyleGAN-V's ``i3d_torchscript.pt``): called as
+``detector(videos, rescale=False, resize=False, return_features=True)`` on ``[N, 3, T, 224, 224]``
+in [-1, 1] (cupola resizes the frames to 224 x 224 first). Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,35 @@ import torch
 from cupola.collections.world.tokenizers.chunked import decode_video, encode_video
 from cupola.collections.world.tokenizers.model import VideoTokenizer
 
-__all__ = ["evaluate_tokenizer", "save_evaluation"]
+__all__ = ["I3DFeatures", "evaluate_tokenizer", "save_evaluation"]
+
+
+class I3DFeatures(torch.nn.Module):
+    """A local TorchScript I3D as a feature network: videos ``[N, 3, T, H, W]`` in [-1, 1] → ``[N, F]``."""
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"I3D weights {path} not found: rFVD needs a local TorchScript I3D (e.g. StyleGAN-V's "
+                "i3d_torchscript.pt), fetched beforehand; cupola never downloads"
+            )
+        self.net = torch.jit.load(str(path), map_location=device).eval()
+        probe = torch.zeros(1, 3, 16, 224, 224, device=device)
+        self.num_features = int(self.forward(probe).shape[-1])
+
+    @torch.no_grad()
+    def forward(self, videos_N_3_T_H_W: torch.Tensor) -> torch.Tensor:
+        x = videos_N_3_T_H_W.float()
+        if x.shape[-2:] != (224, 224):
+            N, C, T = x.shape[:3]
+            frames = x.transpose(1, 2).flatten(0, 1)
+            frames = torch.nn.functional.interpolate(
+                frames, size=(224, 224), mode="bilinear", align_corners=False
+            )
+            x = frames.view(N, T, C, 224, 224).transpose(1, 2)
+        return self.net(x, rescale=False, resize=False, return_features=True)
 
 
 @torch.no_grad()
@@ -28,9 +64,11 @@ def evaluate_tokenizer(
     chunk_frames: int | None = None,
     tile: int | None = None,
     tile_overlap: int = 0,
+    i3d: str | Path | None = None,
 ) -> dict[str, Any]:
     """Per-video and mean PSNR (dB) / SSIM of the centre clip (``num_frames`` x ``size`` x ``size``) of
-    each video; ``results["example"]`` holds the first clip and its reconstruction (uint8)."""
+    each video, and rFVD over all of them when ``i3d`` names a local TorchScript I3D;
+    ``results["example"]`` holds the first clip and its reconstruction (uint8)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     from cupola.collections.world.data.clips import VideoClipDataset
@@ -40,6 +78,13 @@ def evaluate_tokenizer(
     if n == 0:
         raise ValueError(f"{videos}: no video to evaluate")
     first = next(model.parameters())
+    fvd = None
+    if i3d is not None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if n < 2:
+            raise ValueError(f"rFVD compares feature distributions: give at least 2 videos (got {n})")
+        fvd = FrechetInceptionDistance(feature=I3DFeatures(i3d, first.device)).to(first.device)
     rows, example = [], None
     for i in range(n):
         item = dataset[i]
@@ -55,6 +100,9 @@ def evaluate_tokenizer(
                 "ssim": float(structural_similarity_index_measure(yf, xf, data_range=2.0)),
             }
         )
+        if fvd is not None:
+            fvd.update(x.float(), real=True)
+            fvd.update(y.float().clamp(-1, 1), real=False)
         if example is None:
             example = (_uint8(x), _uint8(y))
     cfg = model.cfg
@@ -64,6 +112,7 @@ def evaluate_tokenizer(
         "videos": len(rows),
         "psnr": float(np.mean([r["psnr"] for r in rows])),
         "ssim": float(np.mean([r["ssim"] for r in rows])),
+        "rfvd": None if fvd is None else float(fvd.compute()),
         "per_video": rows,
         "example": example,
     }
