@@ -148,3 +148,23 @@ def test_tiny_vlm(run_tutorial: RunTutorial):
     results = json.loads((out / "niah" / "niah.json").read_text())
     assert len(results["cells"]) == 6
     assert (out / "niah" / "niah_heatmap.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_tiny_tokenizer(run_tutorial: RunTutorial):
+    nb, out = run_tutorial("04_tiny_tokenizer.ipynb", 12)
+
+    found = re.search(
+        r"max difference from the whole video's first 3 latent frames: (\S+)", stdout_of(nb, "causal")
+    )
+    assert found and float(found[1]) < 1e-5, stdout_of(nb, "causal")
+    summary = json.loads((out / "tokenizer" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["final_loss"] < summary["first_loss"]
+    found = re.search(r"train PSNR (\S+) -> (\S+) dB", stdout_of(nb, "curves"))
+    assert found and float(found[2]) > float(found[1]), stdout_of(nb, "curves")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["videos"] == 4 and math.isfinite(results["psnr"])
+    assert (out / "eval" / "side_by_side.png").read_bytes().startswith(b"\x89PNG")
+    found = re.search(r"chunked vs one shot: max difference (\S+)", stdout_of(nb, "chunked"))
+    assert found and float(found[1]) < 1e-4, stdout_of(nb, "chunked")
+    assert "frames=33" in stdout_of(nb, "cli")
