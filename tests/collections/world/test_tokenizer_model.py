@@ -252,3 +252,44 @@ def test_adversarial_losses_route_each_gradient_to_its_own_player():
         else:
             torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(terms["adversarial_d"], d_loss.detach())
+
+
+def test_perceptual_and_gram_losses_with_local_vgg_weights(tmp_path, caplog):
+    import logging
+
+    from cupola.collections.world.tokenizers.losses import (
+        ReconstructionLoss,
+        ReconstructionLossConfig,
+        VGGFeatures,
+    )
+
+    torch.manual_seed(0)
+    vgg_file, lpips_file = tmp_path / "vgg16.pth", tmp_path / "lpips_vgg.pth"
+    torch.save({f"features.{k}": v for k, v in VGGFeatures().features.state_dict().items()}, vgg_file)
+    torch.save(
+        {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+        lpips_file,
+    )
+    cfg = ReconstructionLossConfig(
+        perceptual=0.1, gram=0.5, gram_start_step=10, vgg_weights=str(vgg_file), lpips_weights=str(lpips_file)
+    )
+    loss = ReconstructionLoss(cfg)
+    x = _video(3, dtype=torch.float32)
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_()
+    total, terms = loss(x, y, step=0)
+    assert set(terms) == {"l1", "perceptual"} and terms["perceptual"] > 0  # Gram not yet
+    total, terms = loss(x, y, step=10)
+    assert set(terms) == {"l1", "perceptual", "gram"} and terms["gram"] > 0
+    torch.testing.assert_close(total, terms["l1"] + 0.1 * terms["perceptual"] + 0.5 * terms["gram"])
+    total.backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    _, same_terms = loss(x, x.clone(), step=10)
+    assert all(float(v) < 1e-6 for v in same_terms.values())
+    with caplog.at_level(logging.WARNING):  # without weights: L1 only, said once
+        _, terms = ReconstructionLoss(ReconstructionLossConfig(perceptual=0.1))(x, y, 0)
+    assert set(terms) == {"l1"} and "perceptual and Gram losses are skipped" in caplog.text
+    torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="is not a torchvision vgg16 state dict"):
+        ReconstructionLoss(ReconstructionLossConfig(vgg_weights=str(tmp_path / "bad.pth")))
+    with pytest.raises(ConfigError, match=r"vgg_weights=.*is not a file"):
+        ReconstructionLoss(ReconstructionLossConfig(vgg_weights=str(tmp_path / "missing.pth")))
