@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from _results import gpu_meta, results_path
+from _results import cuda_median_seconds, gpu_meta, results_path
 
 from cupola.collections.llm.generate import decode
 from cupola.collections.llm.models.gpt import GPT, gpt_config
@@ -36,17 +35,7 @@ from cupola.toolkit.parallel.dims import ParallelDims
 
 
 def _median_seconds(fn, iters: int, sync: bool) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if sync:
-            dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return cuda_median_seconds(fn, iters, dist.barrier if sync else None)
 
 
 def _model(args, max_len: int) -> GPT:

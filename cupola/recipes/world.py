@@ -128,56 +128,44 @@ for _flavor in COSMOS_FLAVORS:
     _cosmos(_flavor, finetune=True)
 
 
+def _tiny(
+    flavor: str, videos: str, output_dir: str, *, steps: int, lr: float, init_from: str | None = None
+) -> run.Partial:
+    """A CPU run on generated videos (``videos``: ``digits`` or ``shapes``), 9 frames of 32 px, batch 4."""
+    data = _clips(flavor, f"synthetic:{videos}", f"synthetic:{videos}:val", 32, 4)
+    every = steps // 2
+    return _tokenizer_run(
+        flavor,
+        output_dir,
+        data,
+        steps=steps,
+        lr=lr,
+        devices=1,
+        precision="32",
+        init_from=init_from,
+        checkpoint_every=every,
+        val_every=every,
+    )
+
+
 @recipe
 def cosmos_tokenizer_tiny_train(output_dir: str = "runs/cosmos_tokenizer_tiny_train") -> run.Partial:
     """CPU: the tiny continuous 4x8x8 tokenizer on generated moving digits (9 frames, 32 px), L1 loss;
     PSNR logged as it learns."""
-    data = _clips("tiny", "synthetic:digits", "synthetic:digits:val", 32, 4)
-    return _tokenizer_run(
-        "tiny",
-        output_dir,
-        data,
-        steps=200,
-        lr=2e-3,
-        devices=1,
-        precision="32",
-        checkpoint_every=100,
-        val_every=100,
-    )
+    return _tiny("tiny", "digits", output_dir, steps=200, lr=2e-3)
 
 
 @recipe
 def cosmos_tokenizer_tiny_dv_train(output_dir: str = "runs/cosmos_tokenizer_tiny_dv_train") -> run.Partial:
     """CPU: the tiny discrete tokenizer (FSQ 5x5x5) on generated bouncing shapes."""
-    data = _clips("tiny_dv", "synthetic:shapes", "synthetic:shapes:val", 32, 4)
-    return _tokenizer_run(
-        "tiny_dv",
-        output_dir,
-        data,
-        steps=200,
-        lr=2e-3,
-        devices=1,
-        precision="32",
-        checkpoint_every=100,
-        val_every=100,
-    )
+    return _tiny("tiny_dv", "shapes", output_dir, steps=200, lr=2e-3)
 
 
 @recipe
 def cosmos_tokenizer_tiny_finetune(output_dir: str = "runs/cosmos_tokenizer_tiny_finetune") -> run.Partial:
     """CPU: fine-tune the tiny tokenizer run on bouncing shapes (init_from=runs/cosmos_tokenizer_tiny_train)."""
-    data = _clips("tiny", "synthetic:shapes", "synthetic:shapes:val", 32, 4)
-    return _tokenizer_run(
-        "tiny",
-        output_dir,
-        data,
-        steps=100,
-        lr=5e-4,
-        devices=1,
-        precision="32",
-        init_from="runs/cosmos_tokenizer_tiny_train",
-        checkpoint_every=50,
-        val_every=50,
+    return _tiny(
+        "tiny", "shapes", output_dir, steps=100, lr=5e-4, init_from="runs/cosmos_tokenizer_tiny_train"
     )
 
 
