@@ -92,11 +92,15 @@ def _open_video(path: str | Path, size: tuple[int, int] | None = None):  # -> de
             f"video {path} cannot be opened: corrupt, truncated, or not a video with a video stream "
             f"(decord: {reason})"
         ) from e
+    return _checked(reader, path)
+
+
+def _checked(reader, name: object):  # -> the reader, once it holds frames at a usable rate
     if len(reader) == 0:
-        raise MediaError(f"video {path} holds no frames")
+        raise MediaError(f"video {name} holds no frames")
     fps = reader.get_avg_fps()
     if not np.isfinite(fps) or fps <= 0:
-        raise MediaError(f"video {path} reports a frame rate of {fps}; cannot sample it in time")
+        raise MediaError(f"video {name} reports a frame rate of {fps}; cannot sample it in time")
     return reader
 
 
@@ -236,12 +240,7 @@ def _open_video_source(video: str | Path | bytes, size: tuple[int, int] | None, 
             f"video {name} cannot be opened: corrupt, truncated, or not a video with a video stream "
             f"(decord: {reason})"
         ) from e
-    if len(reader) == 0:
-        raise MediaError(f"video {name} holds no frames")
-    fps = reader.get_avg_fps()
-    if not np.isfinite(fps) or fps <= 0:
-        raise MediaError(f"video {name} reports a frame rate of {fps}; cannot sample it in time")
-    return reader, name
+    return _checked(reader, name), name
 
 
 def probe_video(video: str | Path | bytes, *, name: str | None = None) -> VideoInfo:

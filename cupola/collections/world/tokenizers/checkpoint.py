@@ -38,26 +38,40 @@ def _norm(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def _weights(path: str) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
+def _cupola_weights(path: str) -> tuple[TokenizerConfig, dict[str, torch.Tensor]] | None:
+    """The config and tokenizer weights of a cupola tokenizer run/checkpoint, or None if it is not one."""
     from cupola.collections.llm.lightning import run_checkpoint
     from cupola.toolkit.training.checkpoint import load_model_weights
 
     ckpt = run_checkpoint(path)
-    if ckpt is not None:
-        weights = {k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()}
-        # an adversarial-stage run also holds its discriminator: the tokenizer is what is wanted
-        weights = {
-            k.removeprefix("tokenizer."): v for k, v in weights.items() if not k.startswith("discriminator.")
-        }
-        return _run_config(ckpt), weights
+    if ckpt is None:
+        return None
+    # the tokenizer's weights only (an adversarial-stage run also holds its discriminator)
+    weights = {
+        k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items() if k.startswith("model.")
+    }
+    weights = {
+        k.removeprefix("tokenizer."): v for k, v in weights.items() if not k.startswith("discriminator.")
+    }
+    return _run_config(ckpt), weights
+
+
+def _diffusers_tokenizer(path: str) -> VideoTokenizer:
     from cupola.collections.world.tokenizers.convert import load_diffusers_tokenizer
 
     try:
-        model = load_diffusers_tokenizer(path)
+        return load_diffusers_tokenizer(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"{path}: neither a cupola tokenizer run/checkpoint nor a diffusers AutoencoderKLCosmos folder ({e})"
         ) from e
+
+
+def _weights(path: str) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
+    found = _cupola_weights(path)
+    if found is not None:
+        return found
+    model = _diffusers_tokenizer(path)
     return model.cfg, model.state_dict()
 
 
@@ -75,7 +89,10 @@ def tokenizer_sources(init_from: str, config: TokenizerConfig) -> dict[str, Slic
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VideoTokenizer:
     """A trained tokenizer (eval mode, fp32) from a cupola run/checkpoint or a diffusers folder."""
-    cfg, weights = _weights(str(path))
+    found = _cupola_weights(str(path))
+    if found is None:  # a diffusers folder: converted straight into a model
+        return _diffusers_tokenizer(str(path)).to(device)
+    cfg, weights = found
     model = VideoTokenizer(cfg)
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     return model.to(device).eval()

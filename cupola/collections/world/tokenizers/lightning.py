@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cupola.collections.world.tokenizers.adversarial import (
@@ -96,7 +95,8 @@ class TokenizerModule(ParallelModule):
         self.config = config
         self.loss_cfg = loss
         self.init_from = init_from
-        self.criterion = ReconstructionLoss(loss)
+        # the loss (and its frozen VGG) is not a submodule: it stays out of checkpoints and the state dict
+        self.__dict__["criterion"] = ReconstructionLoss(loss)
 
     def build_model(self) -> nn.Module:
         if not self.loss_cfg.adversarial:
@@ -158,5 +158,3 @@ class TokenizerModule(ParallelModule):
 
     def on_fit_start(self) -> None:
         self.criterion.to(self.device)
-        if dist.is_initialized():
-            dist.barrier()
