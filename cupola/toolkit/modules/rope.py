@@ -264,3 +264,77 @@ class RotaryEmbedding(torch.nn.Module):
                 "raise max_seq_len in the model config"
             )
         return self.cos[:seq_len], self.sin[:seq_len]
+
+
+# 3D RoPE for video tokens -------------------------------------------------------------------------
+
+
+def rope3d_dims(head_dim: int) -> tuple[int, int, int]:
+    """How a head's channels split between the (time, height, width) axes: height and width get
+    ``head_dim // 6 * 2`` each, time the rest (Cosmos' split; 128 -> 44, 42, 42). Every part is even."""
+    hw = head_dim // 6 * 2
+    t = head_dim - 2 * hw
+    if hw < 2 or t < 2 or t % 2:
+        raise config_error(
+            "rope3d",
+            "head_dim",
+            head_dim,
+            "must be an even number >= 8 to split between time, height and width",
+        )
+    return t, hw, hw
+
+
+def _axis_inv_freq(dim: int, theta: float, extrapolation: float, device) -> torch.Tensor:
+    # NTK-aware stretch of one axis: the lowest frequency divided by `extrapolation`, the highest kept
+    theta = theta * extrapolation ** (dim / (dim - 2)) if extrapolation != 1.0 and dim > 2 else theta
+    return _plain_inv_freq(dim, theta, device)
+
+
+def rope3d_cos_sin(
+    frames: int,
+    height: int,
+    width: int,
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    fps: torch.Tensor | float | None = None,
+    base_fps: float = 24.0,
+    extrapolation: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    frame_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` for the tokens of a ``frames x height x width`` grid, flattened time-major
+    (index ``(t * height + h) * width + w``), for :func:`apply_rope`.
+
+    Each head's rotated pairs are split between the axes (:func:`rope3d_dims`): pair ``i`` of the
+    half-split layout turns with the time position for ``i < d_t / 2``, then height, then width.
+    ``fps`` makes time positions fps-aware, ``t * base_fps / fps`` (a clip at half the frame rate
+    advances twice as far per frame, so models see physical time); a tensor ``[B]`` gives per-sample
+    tables ``[B, N, head_dim/2]``, otherwise ``[N, head_dim/2]``. ``extrapolation`` stretches
+    each axis NTK-style for grids larger than those trained on. ``frame_offset`` starts time at
+    that frame (continuing a video).
+    """
+    d_t, d_h, d_w = rope3d_dims(head_dim)
+    f_t, f_h, f_w = (
+        _axis_inv_freq(d, theta, e, device) for d, e in zip((d_t, d_h, d_w), extrapolation, strict=True)
+    )
+    t = torch.arange(frame_offset, frame_offset + frames, device=device, dtype=torch.float64)
+    if fps is not None:
+        fps_t = torch.as_tensor(fps, dtype=torch.float64, device=device)
+        t = t * (base_fps / fps_t)[..., None] if fps_t.ndim else t * (base_fps / fps_t)
+    h = torch.arange(height, device=device, dtype=torch.float64)
+    w = torch.arange(width, device=device, dtype=torch.float64)
+    a_t = (t[..., :, None] * f_t.double())[..., :, None, None, :]  # [(B,) T, 1, 1, d_t/2]
+    a_h = (h[:, None] * f_h.double())[:, None, :]  # [H, 1, d_h/2]
+    a_w = w[:, None] * f_w.double()  # [W, d_w/2]
+    lead = a_t.shape[:-4]
+    shape = (*lead, frames, height, width)
+    angles = torch.cat(
+        (
+            a_t.expand(*shape, d_t // 2),
+            a_h.expand(*shape, d_h // 2),
+            a_w.expand(*shape, d_w // 2),
+        ),
+        dim=-1,
+    ).reshape(*lead, frames * height * width, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
