@@ -91,7 +91,7 @@ class DiTConfig:
 
 
 DIT_FLAVORS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(latent_channels=16, dim=128, n_layers=4, n_heads=4, adaln_lora_dim=32),
+    "tiny": DiTConfig(latent_channels=4, dim=128, n_layers=4, n_heads=4, adaln_lora_dim=32),
     # Cosmos-1.0-Diffusion-7B/14B: T5-XXL text (4096 wide), AdaLN-LoRA rank 256
     "cosmos_dit_7b": DiTConfig(
         dim=4096,

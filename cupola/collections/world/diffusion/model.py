@@ -34,10 +34,22 @@ class WFMConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     edm: EDMConfig = field(default_factory=EDMConfig)
     cond_dropout: float = 0.1  # share of training samples with the empty prompt (for guidance)
+    cond_frames: int = 0  # Video2World: latent frames given (1 = the first pixel frame)
 
     def validate(self) -> None:
+        from cupola.toolkit.config import config_error
+
         self.dit.validate()
         self.edm.validate()
+        if self.dit.video2world != (self.cond_frames > 0):
+            raise config_error(
+                self,
+                "cond_frames",
+                self.cond_frames,
+                "must be >= 1 exactly when dit.video2world is set (0 for Text2World)",
+            )
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise config_error(self, "cond_dropout", self.cond_dropout, "must be in [0, 1)")
 
 
 @dataclass
@@ -63,8 +75,12 @@ class DiffusionWFM(nn.Module):
         self.dit = DiT(cfg.dit)
         # the byte encoder trains with the model; a T5 encoder stays outside it (frozen, not saved)
         self.text_encoder = ByteTextEncoder(cfg.dit.text) if cfg.dit.text.kind == "bytes" else None
+        # tokenizer latents times this have std sigma_data; measured on the first training batch
+        # (as latent diffusion's scale_by_std) and saved with the weights; NaN until then
+        self.register_buffer("latent_scale", torch.full((), float("nan")))
 
     def init_weights(self) -> None:
+        self.latent_scale.fill_(float("nan"))
         self.dit.init_weights()
         if self.text_encoder is not None:
             self.text_encoder.init_weights()

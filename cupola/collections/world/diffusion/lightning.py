@@ -1,0 +1,248 @@
+"""The diffusion WFM LightningModule: pretraining (Text2World / Video2World) and post-training
+(action- and camera-conditioned, full or LoRA) on videos encoded by a frozen tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cupola.collections.world.diffusion.model import Conditioning, DiffusionWFM, WFMConfig
+from cupola.toolkit.config import ConfigError
+from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
+from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
+from cupola.toolkit.training.callbacks import global_mean
+from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
+from cupola.toolkit.training.module import ParallelModule
+from cupola.toolkit.training.weights import SliceSource, TensorSource
+
+__all__ = ["DiffusionModule", "camera_rays", "parallelize_wfm", "wfm_sources"]
+
+
+def parallelize_wfm(
+    model: DiffusionWFM,
+    dims: ParallelDims,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> DiffusionWFM:
+    """AC → compile → FSDP2 per DiT block (and the text encoder), the rest in the root unit; on one
+    process, single-process mixed precision instead."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for name, degree in (("tp", dims.tp), ("ep", dims.ep), ("sp", dims.sp)):
+        if degree > 1:
+            raise ConfigError(
+                f"parallel.{name}={degree} is not supported for diffusion world models yet; use data "
+                "parallelism (parallel.dp_shard / dp_replicate)"
+            )
+    blocks = model.dit.blocks
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile:
+        for block in blocks:
+            block.compile()
+    if dims.world_size == 1:
+        if param_dtype != torch.float32:
+            apply_mixed_precision(model, param_dtype)
+        return model
+    mesh = dims.submesh("dp_shard_sp") if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_sp"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    if model.text_encoder is not None:
+        fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def wfm_sources(init_from: str, cfg: WFMConfig) -> dict[str, SliceSource]:
+    """A diffusion run's weights for a model of ``cfg``, LoRA merged. Post-training may add inputs: a
+    base without the Video2World mask or Plücker channels gets zero columns for them in
+    ``patch_embed`` (so the new model starts as the base), a new action embedding keeps its (zero) init."""
+    from cupola.collections.llm.lightning import checkpoint_sources, run_checkpoint
+
+    ckpt = run_checkpoint(init_from)
+    if ckpt is None:
+        raise ConfigError(f"init_from={init_from!r} is not a cupola diffusion run or checkpoint folder")
+    sources = dict(checkpoint_sources(ckpt))
+    key = "dit.patch_embed.weight"
+    if key in sources:
+        base = sources[key][...]
+        pt, ph, pw = cfg.dit.patch
+        want = cfg.dit.in_channels * pt * ph * pw
+        if base.shape[1] < want:
+            pad = base.new_zeros(base.shape[0], want - base.shape[1])
+            sources[key] = TensorSource(torch.cat([base, pad], dim=1))
+    return sources
+
+
+def camera_rays(
+    batch: Mapping[str, Any], latent_frames: int, height: int, width: int, temporal: int, spatial: int
+) -> torch.Tensor:
+    """Plücker rays ``[B, 6, T', H', W']`` at the latent grid: latent frame ``j`` takes the camera of
+    pixel frame ``temporal * j`` (the last frame it covers), poses relative to the first frame."""
+    from cupola.collections.world.data.camera import plucker_embedding, relative_to_first, scale_intrinsics
+
+    c2w = relative_to_first(batch["cam_to_world"].float())  # [B, T, 4, 4]
+    index = torch.clamp(torch.arange(latent_frames, device=c2w.device) * temporal, max=c2w.shape[1] - 1)
+    K = scale_intrinsics(batch["intrinsics"].float(), 1 / spatial, 1 / spatial)
+    rays = plucker_embedding(K, c2w[:, index], height, width)  # [B, T', 6, H', W']
+    return rays.transpose(1, 2)
+
+
+class DiffusionModule(ParallelModule):
+    def __init__(
+        self,
+        config: WFMConfig,
+        *,
+        tokenizer: str,
+        optim: OptimConfig,
+        parallel: ParallelConfig,
+        precision: str,
+        max_steps: int,
+        init_from: str | None = None,
+        lora: LoRAConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
+        self.config = config
+        self.tokenizer_path = tokenizer
+        self.init_from = init_from
+        self.lora = lora
+        self.seed = seed
+        # frozen helpers stay out of the state dict, the optimizer and checkpoints
+        self.__dict__["tokenizer"] = None
+        self.__dict__["t5"] = None
+
+    # building ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        model = DiffusionWFM(self.config)
+        if self.lora is not None:
+            apply_lora(model.dit.blocks, self.lora)
+        return model
+
+    def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
+        p = self.parallel_cfg
+        return parallelize_wfm(
+            model,
+            dims,
+            param_dtype=self.param_dtype,
+            activation_checkpointing=p.activation_checkpointing,
+            compile=p.compile,
+        )
+
+    def init_weights(self, model: nn.Module) -> None:
+        model.init_weights()
+        init_lora(model)
+
+    def initial_weights(self) -> Mapping[str, SliceSource] | None:
+        return wfm_sources(self.init_from, self.config) if self.init_from else None
+
+    def initial_weights_keep(self) -> tuple[str, ...]:
+        return ("dit.action_embed.",)  # a new action embedding starts at zero (the base model)
+
+    def freeze(self, model: nn.Module) -> None:
+        if self.lora is not None:  # adapters (+ norms) in the blocks; new conditioning inputs in full
+            set_lora_trainable(model, self.lora)
+            for name, p in model.named_parameters():
+                if name.startswith(("dit.action_embed.", "dit.patch_embed.")):
+                    p.requires_grad_(True)
+
+    def on_fit_start(self) -> None:
+        self.helpers()
+
+    def helpers(self):
+        """The frozen tokenizer (and T5 encoder), loaded once on this module's device."""
+        if self.__dict__["tokenizer"] is None:
+            from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+
+            tok = load_tokenizer(self.tokenizer_path, self.device)
+            if tok.cfg.discrete:
+                raise ConfigError(
+                    f"tokenizer={self.tokenizer_path!r} is discrete (FSQ); diffusion models need a continuous "
+                    "(CV) tokenizer"
+                )
+            if tok.cfg.latent_channels != self.config.dit.latent_channels:
+                raise ConfigError(
+                    f"the tokenizer has {tok.cfg.latent_channels} latent channels, the model "
+                    f"dit.latent_channels={self.config.dit.latent_channels}; make them equal"
+                )
+            tok.requires_grad_(False)
+            self.__dict__["tokenizer"] = tok
+            if self.config.dit.text.kind == "t5":
+                from cupola.collections.world.text import T5TextEncoder
+
+                self.__dict__["t5"] = T5TextEncoder(self.config.dit.text, self.device)
+        return self.__dict__["tokenizer"], self.__dict__["t5"]
+
+    # training ---------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        # a function of (seed, step, rank, train/val): resumed runs draw the same noise
+        g = torch.Generator(device=self.device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        g.manual_seed(hash((self.seed, int(self.global_step), rank, self.training)) % (2**63))
+        return g
+
+    @torch.no_grad()
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        tok, _ = self.helpers()
+        z = tok.encode_latent(video.float())
+        scale = self.model.latent_scale
+        if torch.isnan(scale):
+            std = global_mean(z.float().std())
+            scale.fill_(float(self.config.edm.sigma_data / std))
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"[cupola] latent_scale = {float(scale):.4f} (latent std {float(std):.4f})", flush=True)
+        return z * scale
+
+    def conditioning(
+        self, batch: Mapping[str, Any], x0: torch.Tensor, generator: torch.Generator
+    ) -> Conditioning:
+        cfg = self.config
+        prompts = list(batch.get("prompt") or [""] * x0.shape[0])
+        if self.training and cfg.cond_dropout > 0:
+            drop = torch.rand(len(prompts), generator=generator, device=generator.device) < cfg.cond_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        _, t5 = self.helpers()
+        context, mask = self.model.encode_text(prompts, t5)
+        fps = batch.get("fps")
+        cond = Conditioning(
+            context=context,
+            context_mask=mask,
+            cond_latents=x0 if cfg.cond_frames else None,
+            cond_frames=cfg.cond_frames,
+            actions=batch.get("actions") if cfg.dit.action_dim else None,
+            fps=None if fps is None else torch.as_tensor(fps, device=x0.device, dtype=torch.float32),
+        )
+        if cfg.dit.camera:
+            tok, _ = self.helpers()
+            _, _, T, H, W = x0.shape
+            cond.plucker = camera_rays(
+                batch, T, H, W, tok.cfg.temporal_compression, tok.cfg.spatial_compression
+            ).to(x0.dtype)
+        return cond
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        x0 = self.latents(batch["video"])
+        generator = self._generator()
+        if x0.shape[2] <= self.config.cond_frames:
+            raise ValueError(
+                f"clips of {batch['video'].shape[2]} frames give {x0.shape[2]} latent frames: nothing is left to "
+                f"generate after cond_frames={self.config.cond_frames}; use longer clips"
+            )
+        loss = self.model.training_loss(x0, self.conditioning(batch, x0, generator), generator)
+        if not self.training:
+            self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.loss(batch)
