@@ -10,11 +10,16 @@ from __future__ import annotations
 import nemo_run as run
 
 from cupola.collections.world.data.datamodule import VideoClipDataModule
+from cupola.collections.world.data.environments import EnvironmentDataModule
+from cupola.collections.world.diffusion import api as wfm_api
+from cupola.collections.world.diffusion.dit import dit_config
+from cupola.collections.world.diffusion.model import WFMConfig
 from cupola.collections.world.tokenizers import api
 from cupola.collections.world.tokenizers.losses import ReconstructionLossConfig
 from cupola.collections.world.tokenizers.model import TOKENIZER_FLAVORS, tokenizer_config
 from cupola.recipes.llm import as_config
 from cupola.recipes.registry import recipe
+from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
 
 COSMOS_FLAVORS = tuple(f for f in TOKENIZER_FLAVORS if not f.startswith("tiny"))
@@ -181,3 +186,227 @@ def cosmos_tokenizer_tiny_adversarial(
         ReconstructionLossConfig, adversarial=0.1, adversarial_start_step=0, discriminator_channels=16
     )
     return base
+
+
+# Diffusion world models -----------------------------------------------------------------------
+
+
+def _wfm_run(
+    model: run.Config,
+    data: run.Config,
+    output_dir: str,
+    *,
+    tokenizer: str,
+    steps: int,
+    lr: float,
+    devices: int,
+    precision: str,
+    init_from: str | None = None,
+    lora: run.Config | None = None,
+    checkpoint_every: int = 1000,
+    val_every: int | None = 1000,
+    activation_checkpointing: bool = False,
+) -> run.Partial:
+    return run.Partial(
+        wfm_api.train,
+        model=model,
+        data=data,
+        trainer=run.Config(
+            TrainerConfig,
+            max_steps=steps,
+            devices=devices,
+            precision=precision,
+            output_dir=output_dir,
+            log_every_n_steps=10 if steps > 100 else 5,
+            val_check_interval=val_every,
+            limit_val_batches=4,
+            checkpoint_every_n_steps=checkpoint_every,
+        ),
+        optim=run.Config(
+            OptimConfig, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 50), weight_decay=0.1
+        ),
+        tokenizer=tokenizer,
+        parallel=run.Config(ParallelConfig, activation_checkpointing=activation_checkpointing),
+        init_from=init_from,
+        lora=lora,
+    )
+
+
+def _wfm_model(flavor: str, *, cond_frames: int = 0, **dit: object) -> run.Config:
+    cfg = WFMConfig(dit=dit_config(flavor, video2world=cond_frames > 0, **dit), cond_frames=cond_frames)
+    return as_config(cfg)
+
+
+def _env(kind: str, frames: int, size: int, batch: int, episodes: int, **kw: object) -> run.Config:
+    return run.Config(
+        EnvironmentDataModule,
+        kind=kind,
+        num_frames=frames,
+        size=size,
+        micro_batch_size=batch,
+        train_episodes=episodes,
+        val_episodes=8,
+        **kw,
+    )
+
+
+_TINY_TOKENIZER = "runs/cosmos_tokenizer_tiny_train"
+
+
+@recipe
+def cosmos_dit_tiny_text2world(output_dir: str = "runs/cosmos_dit_tiny_text2world") -> run.Partial:
+    """CPU: pretrain the tiny DiT (Text2World) on generated push-environment clips with their captions
+    (9 frames, 32 px), latents from the tiny tokenizer run (``tokenizer=``)."""
+    return _wfm_run(
+        _wfm_model("tiny"),
+        _env("push", 9, 32, 8, 256),
+        output_dir,
+        tokenizer=_TINY_TOKENIZER,
+        steps=400,
+        lr=1e-3,
+        devices=1,
+        precision="32",
+        checkpoint_every=200,
+        val_every=200,
+    )
+
+
+@recipe
+def cosmos_dit_tiny_video2world_posttrain(
+    output_dir: str = "runs/cosmos_dit_tiny_video2world_posttrain",
+) -> run.Partial:
+    """CPU: post-train the tiny Text2World run into Video2World (the first frame given)."""
+    return _wfm_run(
+        _wfm_model("tiny", cond_frames=1),
+        _env("push", 9, 32, 8, 256),
+        output_dir,
+        tokenizer=_TINY_TOKENIZER,
+        steps=300,
+        lr=5e-4,
+        devices=1,
+        precision="32",
+        init_from="runs/cosmos_dit_tiny_text2world",
+        checkpoint_every=150,
+        val_every=150,
+    )
+
+
+@recipe
+def cosmos_dit_tiny_action_posttrain(
+    output_dir: str = "runs/cosmos_dit_tiny_action_posttrain",
+) -> run.Partial:
+    """CPU: post-train the tiny Text2World run into an action-conditioned world model on the push
+    environment: the first frame and 8 pushes (2-D) → the next 8 frames."""
+    return _wfm_run(
+        _wfm_model("tiny", cond_frames=1, action_dim=2, actions_per_latent=4),
+        _env("push", 9, 32, 8, 256),
+        output_dir,
+        tokenizer=_TINY_TOKENIZER,
+        steps=300,
+        lr=5e-4,
+        devices=1,
+        precision="32",
+        init_from="runs/cosmos_dit_tiny_text2world",
+        checkpoint_every=150,
+        val_every=150,
+    )
+
+
+@recipe
+def cosmos_dit_tiny_camera_posttrain(
+    output_dir: str = "runs/cosmos_dit_tiny_camera_posttrain",
+) -> run.Partial:
+    """CPU: post-train the tiny Text2World run into a camera-conditioned world model (Plücker rays) on
+    the generated 3D scene seen from known camera paths."""
+    return _wfm_run(
+        _wfm_model("tiny", cond_frames=1, camera=True),
+        _env("camera", 9, 32, 8, 128, cache_dir="runs/cache/camera_env"),
+        output_dir,
+        tokenizer=_TINY_TOKENIZER,
+        steps=300,
+        lr=5e-4,
+        devices=1,
+        precision="32",
+        init_from="runs/cosmos_dit_tiny_text2world",
+        checkpoint_every=150,
+        val_every=150,
+    )
+
+
+@recipe
+def cosmos_dit_tiny_action_lora(output_dir: str = "runs/cosmos_dit_tiny_action_lora") -> run.Partial:
+    """CPU: the action post-training with LoRA (rank 8 on attention and MLP projections; the action
+    embedding and patch embedding in full) instead of every weight."""
+    base = cosmos_dit_tiny_action_posttrain(output_dir)
+    base.lora = run.Config(
+        LoRAConfig, rank=8, alpha=16.0, targets=("wq", "wk", "wv", "wo"), train_embeddings=False
+    )
+    base.optim.lr = 2e-3
+    return base
+
+
+def _clips_with(frames: int, size: int) -> run.Config:
+    return run.Config(
+        VideoClipDataModule,
+        train="data/videos",
+        val=None,
+        num_frames=frames,
+        size=size,
+        micro_batch_size=1,
+        num_workers=8,
+    )
+
+
+@recipe
+def cosmos_dit_7b_text2world_pretrain(output_dir: str = "runs/cosmos_dit_7b_text2world") -> run.Partial:
+    """Cosmos-1.0-Diffusion-7B-style Text2World (28 blocks, 4096 wide, 32 heads; T5-XXL text from
+    ``model.dit.text.path``) on 121-frame 704x1280 clips through the CV4x8x8 tokenizer, 8 GPUs bf16,
+    FSDP2 with activation checkpointing."""
+    return _wfm_run(
+        _wfm_model("cosmos_dit_7b", latent_channels=16),
+        _clips_with(121, 704),
+        output_dir,
+        tokenizer="checkpoints/Cosmos-1.0-Tokenizer-CV8x8x8",
+        steps=100000,
+        lr=1e-4,
+        devices=8,
+        precision="bf16-mixed",
+        activation_checkpointing=True,
+    )
+
+
+@recipe
+def cosmos_dit_7b_video2world_posttrain(output_dir: str = "runs/cosmos_dit_7b_video2world") -> run.Partial:
+    """Post-train the 7B Text2World run (``init_from=``) into Video2World on your videos (``data.train=``):
+    the first latent frame given, 8 GPUs bf16."""
+    return _wfm_run(
+        _wfm_model("cosmos_dit_7b", cond_frames=1, latent_channels=16),
+        _clips_with(121, 704),
+        output_dir,
+        tokenizer="checkpoints/Cosmos-1.0-Tokenizer-CV8x8x8",
+        steps=5000,
+        lr=2e-5,
+        devices=8,
+        precision="bf16-mixed",
+        init_from="runs/cosmos_dit_7b_text2world",
+        activation_checkpointing=True,
+    )
+
+
+@recipe
+def cosmos_dit_7b_action_posttrain(output_dir: str = "runs/cosmos_dit_7b_action") -> run.Partial:
+    """Post-train the 7B world model into an action-conditioned one: your robot episodes as a DataModule
+    yielding ``video`` + ``actions`` ``[B, T-1, action_dim]`` (set ``data=`` and
+    ``model.dit.action_dim=``; 7 for an end-effector delta + gripper), 8 GPUs bf16."""
+    return _wfm_run(
+        _wfm_model("cosmos_dit_7b", cond_frames=1, latent_channels=16, action_dim=7, actions_per_latent=8),
+        _clips_with(33, 256),
+        output_dir,
+        tokenizer="checkpoints/Cosmos-1.0-Tokenizer-CV8x8x8",
+        steps=5000,
+        lr=2e-5,
+        devices=8,
+        precision="bf16-mixed",
+        init_from="runs/cosmos_dit_7b_video2world",
+        activation_checkpointing=True,
+    )
