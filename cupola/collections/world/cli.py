@@ -3,6 +3,7 @@
 cupola world tokenize --checkpoint RUN_OR_DIFFUSERS_DIR in.mp4 out.npz [--chunk-frames 33 --tile 512]
 cupola world detokenize --checkpoint RUN_OR_DIFFUSERS_DIR out.npz back.mp4
 cupola world tokenizer-eval --checkpoint RUN --videos DIR [--frames 17 --size 256] [--out DIR]
+cupola world generate --checkpoint RUN --prompt "..." [--video first.mp4] [--actions a.npy] --out out.mp4
 """
 
 from __future__ import annotations
@@ -66,6 +67,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out", metavar="DIR", help="results.json, side_by_side.png/.mp4 (default: CHECKPOINT/eval)"
     )
     ev.set_defaults(handler=_evaluate)
+
+    gen = sub.add_parser("generate", help="generate a video with a diffusion world model (MP4 + GIF preview)")
+    gen.add_argument("--checkpoint", required=True, metavar="RUN", help="a cupola diffusion world-model run")
+    gen.add_argument("--prompt", default="", help="what to generate (checked by the prompt guardrail)")
+    gen.add_argument("--video", metavar="FILE", help="first frames to continue (Video2World models)")
+    gen.add_argument(
+        "--actions", metavar="NPY", help="actions [frames - 1, action_dim] (action-conditioned models)"
+    )
+    gen.add_argument("--frames", type=int, default=9, help="frames to generate, 1 + t*k (default 9)")
+    gen.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="frame size (default: the --video's, else 32 32)",
+    )
+    gen.add_argument(
+        "--fps", type=float, default=8.0, help="frame rate of the output (and of fps-aware models)"
+    )
+    gen.add_argument("--steps", type=int, default=35, help="sampling steps (default 35)")
+    gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    gen.add_argument("--sampler", choices=("multistep", "heun"), default="multistep")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chunk-latents", type=int, metavar="N", help="decode N latent frames at a time")
+    gen.add_argument("--tokenizer", metavar="PATH", help="override the tokenizer the run was trained with")
+    gen.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    gen.add_argument("--no-guardrails", action="store_true", help="skip the prompt check and face blurring")
+    gen.add_argument("--out", required=True, help="the .mp4 to write (a .gif preview goes beside it)")
+    gen.set_defaults(handler=_generate)
 
 
 def _model(args: argparse.Namespace):
@@ -260,5 +290,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(
         f"cupola: {results['videos']} videos: PSNR {results['psnr']:.2f} dB, SSIM {results['ssim']:.4f}{rfvd} "
         f"-> {paths['json']}"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cupola.collections.world.diffusion.generate import load_wfm, write_preview
+    from cupola.collections.world.guardrails import Guardrails, PromptRefused
+    from cupola.toolkit.data.video import write_video
+
+    guard = Guardrails.disabled() if args.no_guardrails else Guardrails()
+    try:
+        guard.check_prompt(args.prompt)
+    except PromptRefused as e:
+        print(f"cupola: prompt refused: {e}", file=sys.stderr)
+        return 3
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        world = load_wfm(args.checkpoint, device, tokenizer=args.tokenizer)
+        first = None
+        size = tuple(args.size) if args.size else None
+        if args.video:
+            first, _ = _read(args.video, None, size)
+            size = size or first.shape[1:3]
+        actions = np.load(args.actions).astype(np.float32) if args.actions else None
+        from tqdm import tqdm
+
+        with tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+            video = world.generate(
+                args.prompt,
+                frames=args.frames,
+                size=tuple(size or (32, 32)),
+                first_frames=first,
+                actions=actions,
+                fps=args.fps,
+                steps=args.steps,
+                guidance=args.guidance,
+                sampler=args.sampler,
+                seed=args.seed,
+                chunk_latents=args.chunk_latents,
+                progress=lambda done, total: bar.update(done - bar.n),
+            )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cupola: error: {e}", file=sys.stderr)
+        return 2
+    video, report = guard.postprocess(video)
+    out = write_video(args.out, video, args.fps)
+    gif = write_preview(Path(args.out).with_suffix(".gif"), video, args.fps)
+    faces = report.get("boxes_blurred", 0)
+    print(
+        f"cupola: {len(video)} frames {video.shape[1]}x{video.shape[2]} -> {out} (+ {gif.name}); faces blurred: {faces}"
     )
     return 0
