@@ -1,0 +1,221 @@
+"""The action-conditioned world-model experiment (issue 7): does post-training on actions help?
+
+On the generated push environment (an object on a textured floor pushed by known 2-D actions;
+the future is decided by the first frame *and* the actions), train
+
+1. a tiny continuous tokenizer on the environment's clips,
+2. a tiny Video2World DiT without actions (the first frame given, the rest generated), and
+3. the same DiT with action conditioning (each latent frame's actions embedded into its AdaLN),
+
+for the same steps, then roll each out on held-out episodes from their first frame and score the
+generated frames against the true ones (PSNR, dB; frames 1..T-1). Baselines in the same run:
+copying the last given frame, the no-action model, and the action model fed another episode's
+actions. The tokenizer's own reconstruction PSNR is the ceiling.
+
+    python benchmarks/action_world_model.py                 # GPU: the recorded numbers
+    python benchmarks/action_world_model.py --quick          # CPU smoke run (minutes, numbers meaningless)
+
+Writes ``benchmarks/results/action_world_model_<device>.json`` with a PNG of rollouts
+(rows: truth, action model, no-action model, copy) and an MP4 of the same, beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cupola.collections.world.data.environments import EnvironmentDataModule, PushEnvConfig, push_episodes
+from cupola.collections.world.diffusion import api as wfm_api
+from cupola.collections.world.diffusion.dit import dit_config
+from cupola.collections.world.diffusion.generate import load_wfm
+from cupola.collections.world.diffusion.model import WFMConfig
+from cupola.collections.world.tokenizers import api as tok_api
+from cupola.collections.world.tokenizers.model import tokenizer_config
+from cupola.toolkit.training.configs import OptimConfig, TrainerConfig
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return float(
+        peak_signal_noise_ratio(torch.from_numpy(a).float(), torch.from_numpy(b).float(), data_range=255.0)
+    )
+
+
+def _data(args, batch: int) -> EnvironmentDataModule:
+    return EnvironmentDataModule(
+        kind="push",
+        num_frames=args.frames,
+        size=args.size,
+        micro_batch_size=batch,
+        train_episodes=args.episodes,
+        val_episodes=8,
+        seed=args.seed,
+        num_workers=args.workers,
+    )
+
+
+def _trainer(out: Path, steps: int) -> TrainerConfig:
+    return TrainerConfig(
+        max_steps=steps,
+        precision="32",
+        output_dir=str(out),
+        log_every_n_steps=max(1, steps // 20),
+        val_check_interval=steps,
+        limit_val_batches=2,
+        checkpoint_every_n_steps=steps,
+    )
+
+
+def _optim(lr: float, steps: int) -> OptimConfig:
+    return OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 50), weight_decay=0.0)
+
+
+def train_all(args, root: Path) -> dict[str, float]:
+    times = {}
+    t0 = time.perf_counter()
+    tok_api.train(
+        tokenizer_config("tiny"),
+        _data(args, args.batch),
+        _trainer(root / "tokenizer", args.tokenizer_steps),
+        _optim(2e-3, args.tokenizer_steps),
+    )
+    times["tokenizer_s"] = time.perf_counter() - t0
+    for name, dit in (
+        ("no_actions", {"video2world": True}),
+        ("actions", {"video2world": True, "action_dim": 2, "actions_per_latent": 4}),
+    ):
+        t0 = time.perf_counter()
+        wfm_api.train(
+            WFMConfig(dit=dit_config("tiny", **dit), cond_frames=1, cond_dropout=0.0),
+            _data(args, args.batch),
+            _trainer(root / name, args.wfm_steps),
+            _optim(1e-3, args.wfm_steps),
+            tokenizer=str(root / "tokenizer"),
+        )
+        times[f"{name}_s"] = time.perf_counter() - t0
+    return times
+
+
+def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    cfg = PushEnvConfig(size=args.size, frames=args.frames)
+    episodes = push_episodes(args.eval_episodes, cfg, args.seed + 1, start=2**31 + 10**6)  # never trained on
+    act = load_wfm(root / "actions", device)
+    plain = load_wfm(root / "no_actions", device)
+    tok = act.tokenizer
+    scores: dict[str, list[float]] = {
+        k: [] for k in ("actions", "no_actions", "shuffled_actions", "copy_last_frame", "tokenizer_ceiling")
+    }
+    shown: dict[str, np.ndarray] = {}
+    for i, ep in enumerate(episodes):
+        truth = ep.video
+        first = truth[:1]
+        common = {
+            "frames": args.frames,
+            "size": (args.size, args.size),
+            "first_frames": first,
+            "steps": args.sample_steps,
+            "seed": i,
+        }
+        outs = {
+            "actions": act.generate(actions=ep.actions, **common),
+            "shuffled_actions": act.generate(actions=episodes[(i + 1) % len(episodes)].actions, **common),
+            "no_actions": plain.generate(**common),
+            "copy_last_frame": np.repeat(first, args.frames, axis=0),
+        }
+        with torch.no_grad():
+            x = torch.from_numpy(truth).to(device).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+            rec = tok.decode(tok.encode_latent(x))
+        outs["tokenizer_ceiling"] = (
+            ((rec[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+        )
+        for k, v in outs.items():
+            scores[k].append(psnr(v[1:], truth[1:]))
+        if i < 4:
+            for k in ("actions", "no_actions", "copy_last_frame"):
+                shown.setdefault(k, []).append(outs[k])
+            shown.setdefault("truth", []).append(truth)
+        print(f"[eval] {i + 1}/{len(episodes)}", file=sys.stderr, flush=True)
+    return {k: float(np.mean(v)) for k, v in scores.items()}, shown
+
+
+def write_media(shown: dict[str, list[np.ndarray]], path: Path, fps: float) -> None:
+    from PIL import Image
+
+    from cupola.toolkit.data.video import write_video
+
+    rows = ("truth", "actions", "no_actions", "copy_last_frame")
+    # PNG: per episode a block of 4 rows (truth, action model, no-action model, copy), frames left to right
+    blocks = [
+        np.concatenate([np.concatenate(list(shown[r][e]), axis=1) for r in rows], axis=0)
+        for e in range(len(shown["truth"]))
+    ]
+    Image.fromarray(np.concatenate(blocks, axis=0)).save(path.with_suffix(".png"))
+    # MP4: the four rows side by side, for the first episodes stacked
+    video = np.concatenate(
+        [np.concatenate([shown[r][e] for r in rows], axis=2) for e in range(len(shown["truth"]))], axis=1
+    )
+    write_video(path.with_suffix(".mp4"), video, fps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a CPU smoke run: few steps and episodes")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--episodes", type=int, default=2048)
+    p.add_argument("--eval-episodes", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokenizer-steps", type=int, default=3000)
+    p.add_argument("--wfm-steps", type=int, default=3000)
+    p.add_argument("--sample-steps", type=int, default=35)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="runs/action_world_model", help="where the three runs go")
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args()
+    if args.quick:
+        args.size, args.frames, args.episodes, args.eval_episodes, args.batch = 32, 9, 32, 4, 4
+        args.tokenizer_steps, args.wfm_steps, args.sample_steps, args.workers = 10, 10, 4, 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    root = Path(args.work)
+    times = train_all(args, root)
+    t0 = time.perf_counter()
+    scores, shown = evaluate(args, root, device)
+    times["eval_s"] = time.perf_counter() - t0
+    name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
+    slug = name.replace("NVIDIA ", "").replace(" ", "_").lower() + ("_quick" if args.quick else "")
+    out = Path(args.results) / f"action_world_model_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\nPSNR (dB) of generated frames 1..{args.frames - 1} on {args.eval_episodes} held-out episodes")
+    print(f"| {'predictor':<22} | PSNR (dB) |\n|{'-' * 24}|-----------|")
+    for k, v in sorted(scores.items(), key=lambda kv: -kv[1]):
+        print(f"| {k:<22} | {v:9.2f} |")
+    record = {
+        "device": name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "args": vars(args),
+        "psnr_db": scores,
+        "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
+        "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
+        "seconds": times,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    write_media(shown, out, fps=8.0)
+    print(f"wrote {out} (+ .png, .mp4)")
+
+
+if __name__ == "__main__":
+    main()
