@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import nemo_run as run
 
+from cupola.collections.world.autoregressive import api as ar_api
+from cupola.collections.world.autoregressive.model import ar_config
 from cupola.collections.world.data.datamodule import VideoClipDataModule
 from cupola.collections.world.data.environments import EnvironmentDataModule
 from cupola.collections.world.diffusion import api as wfm_api
 from cupola.collections.world.diffusion.dit import dit_config
 from cupola.collections.world.diffusion.model import WFMConfig
+from cupola.collections.world.text import TextEncoderConfig
 from cupola.collections.world.tokenizers import api
 from cupola.collections.world.tokenizers.losses import ReconstructionLossConfig
 from cupola.collections.world.tokenizers.model import TOKENIZER_FLAVORS, tokenizer_config
@@ -410,3 +413,95 @@ def cosmos_dit_7b_action_posttrain(output_dir: str = "runs/cosmos_dit_7b_action"
         init_from="runs/cosmos_dit_7b_video2world",
         activation_checkpointing=True,
     )
+
+
+# Autoregressive world models ------------------------------------------------------------------
+
+
+def _ar_run(
+    model: run.Config,
+    data: run.Config,
+    output_dir: str,
+    *,
+    tokenizer: str,
+    steps: int,
+    lr: float,
+    devices: int,
+    precision: str,
+    init_from: str | None = None,
+    lora: run.Config | None = None,
+    every: int = 1000,
+    activation_checkpointing: bool = False,
+) -> run.Partial:
+    base = _wfm_run(
+        model,
+        data,
+        output_dir,
+        tokenizer=tokenizer,
+        steps=steps,
+        lr=lr,
+        devices=devices,
+        precision=precision,
+        init_from=init_from,
+        lora=lora,
+        checkpoint_every=every,
+        val_every=every,
+        activation_checkpointing=activation_checkpointing,
+    )
+    return run.Partial(ar_api.train, **{k: getattr(base, k) for k in base.__arguments__})
+
+
+@recipe
+def cosmos_ar_tiny_train(output_dir: str = "runs/cosmos_ar_tiny_train") -> run.Partial:
+    """CPU: the tiny autoregressive WFM (with byte-text cross-attention) over the tiny discrete
+    tokenizer's codes (``runs/cosmos_tokenizer_tiny_dv_train``) of generated push-environment clips."""
+    return _ar_run(
+        as_config(
+            ar_config("tiny", cross_attention=True, text=TextEncoderConfig(dim=32, n_layers=1, n_heads=2))
+        ),
+        _env("push", 9, 32, 4, 64),
+        output_dir,
+        tokenizer="runs/cosmos_tokenizer_tiny_dv_train",
+        steps=200,
+        lr=3e-3,
+        devices=1,
+        precision="32",
+        every=100,
+    )
+
+
+@recipe
+def cosmos_ar_tiny_posttrain(output_dir: str = "runs/cosmos_ar_tiny_posttrain") -> run.Partial:
+    """CPU: post-train the tiny AR run with LoRA adapters (``init_from=runs/cosmos_ar_tiny_train``)."""
+    base = cosmos_ar_tiny_train(output_dir)
+    base.init_from = "runs/cosmos_ar_tiny_train"
+    base.lora = run.Config(LoRAConfig)
+    base.trainer.max_steps = 100
+    return base
+
+
+@recipe
+def cosmos_ar_4b_pretrain(output_dir: str = "runs/cosmos_ar_4b") -> run.Partial:
+    """Cosmos-1.0-Autoregressive-4B-style decoder (16 layers, 4096 wide, 32/8 heads) over DV8x16x16 codes
+    of 33-frame clips, 8 GPUs bf16, FSDP2 with activation checkpointing."""
+    return _ar_run(
+        as_config(ar_config("cosmos_ar_4b")),
+        _clips_with(33, 640),
+        output_dir,
+        tokenizer="checkpoints/Cosmos-1.0-Tokenizer-DV8x16x16",
+        steps=100000,
+        lr=3e-4,
+        devices=8,
+        precision="bf16-mixed",
+        activation_checkpointing=True,
+    )
+
+
+@recipe
+def cosmos_ar_4b_posttrain(output_dir: str = "runs/cosmos_ar_4b_posttrain") -> run.Partial:
+    """Post-train the 4B AR world model (``init_from=``) on your videos (``data.train=``), 8 GPUs bf16."""
+    base = cosmos_ar_4b_pretrain(output_dir)
+    base.init_from = "runs/cosmos_ar_4b"
+    base.trainer.max_steps = 5000
+    base.optim.lr, base.optim.min_lr = 2e-5, 2e-6
+    return base

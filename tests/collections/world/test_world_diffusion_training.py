@@ -83,8 +83,13 @@ def test_every_diffusion_recipe_builds_and_validates(tmp_path):
 
     from cupola.toolkit.config import validate
 
-    recipes = {k: v for k, v in catalog("world").items() if k.startswith("cosmos_dit_")}
-    assert {"cosmos_dit_7b_video2world_posttrain", "cosmos_dit_7b_action_posttrain"} <= set(recipes)
+    recipes = {k: v for k, v in catalog("world").items() if k.startswith(("cosmos_dit_", "cosmos_ar_"))}
+    issue = {
+        "cosmos_dit_7b_video2world_posttrain",
+        "cosmos_dit_7b_action_posttrain",
+        "cosmos_ar_4b_posttrain",
+    }
+    assert issue <= set(recipes)
     for name, factory in recipes.items():
         recipe = factory()
         recipe.trainer.output_dir = str(tmp_path / name)
@@ -94,6 +99,8 @@ def test_every_diffusion_recipe_builds_and_validates(tmp_path):
         for key in ("model", "optim", "trainer"):
             validate(call.keywords[key])
         model = call.keywords["model"]
+        if "_ar_4b" in name:
+            assert (model.dim, model.n_layers, model.n_heads, model.n_kv_heads) == (4096, 16, 32, 8)
         if "7b" in name:
             assert (model.dit.dim, model.dit.n_layers, model.dit.n_heads) == (4096, 28, 32)
             assert model.dit.text.kind == "t5"

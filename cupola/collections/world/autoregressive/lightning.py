@@ -1,0 +1,217 @@
+"""The autoregressive WFM LightningModule: next-token cross-entropy over the FSQ indices a frozen DV
+tokenizer gives each clip (pretraining, or post-training a run with ``init_from``, in full or LoRA)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cupola.collections.world.autoregressive.model import ARConfig, ARWorldModel
+from cupola.toolkit.config import ConfigError
+from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
+from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
+from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
+from cupola.toolkit.training.module import ParallelModule
+from cupola.toolkit.training.weights import SliceSource
+
+__all__ = ["ARModule", "ar_sources", "load_ar", "parallelize_ar"]
+
+
+def parallelize_ar(
+    model: ARWorldModel,
+    dims: ParallelDims,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> ARWorldModel:
+    """AC → compile → FSDP2 per decoder block (and the byte text encoder), embeddings/head in the root
+    unit; on one process, single-process mixed precision instead."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for name, degree in (("tp", dims.tp), ("ep", dims.ep), ("sp", dims.sp)):
+        if degree > 1:
+            raise ConfigError(
+                f"parallel.{name}={degree} is not supported for autoregressive world models yet; use data "
+                "parallelism (parallel.dp_shard / dp_replicate)"
+            )
+    blocks = model.layers
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile:
+        for block in blocks:
+            block.compile()
+    if dims.world_size == 1:
+        if param_dtype != torch.float32:
+            apply_mixed_precision(model, param_dtype)
+        return model
+    mesh = dims.submesh("dp_shard_sp") if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_sp"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    if model.text_encoder is not None:
+        fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _run(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """An AR run's (or checkpoint folder's) newest checkpoint and its run config."""
+    from omegaconf import OmegaConf
+
+    from cupola.collections.llm.lightning import run_checkpoint
+
+    ckpt = run_checkpoint(str(path))
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"{path}: not a cupola autoregressive run or checkpoint folder (no checkpoint in it)"
+        )
+    config = OmegaConf.to_container(OmegaConf.load(ckpt.parent.parent / "config.yaml"))
+    if config.get("wfm") != "autoregressive":
+        raise ConfigError(
+            f"{ckpt.parent.parent} is not an autoregressive world-model run (its config.yaml says otherwise)"
+        )
+    return ckpt, config
+
+
+def ar_sources(init_from: str, cfg: ARConfig) -> dict[str, SliceSource]:
+    """An AR run's weights (LoRA merged) for a model of ``cfg``; structures must agree."""
+    from cupola.collections.llm.lightning import checkpoint_sources
+    from cupola.toolkit.config import from_dict
+
+    ckpt, config = _run(init_from)
+    base = from_dict(ARConfig, config["model"])
+    fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden_dim", "cross_attention")
+    differ = [f for f in fields if getattr(base, f) != getattr(cfg, f)]
+    if differ:
+        raise ConfigError(
+            f"init_from={init_from!r} holds a model that differs from model= in "
+            + ", ".join(f"{f} ({getattr(base, f)} there, {getattr(cfg, f)} here)" for f in differ)
+        )
+    return checkpoint_sources(ckpt)
+
+
+def load_ar(path: str | Path, device: str | torch.device = "cpu", *, tokenizer: str | None = None):
+    """``(model, tokenizer)``: an AR run (its newest checkpoint) or checkpoint folder, LoRA merged, fp32,
+    in eval mode, with the DV tokenizer it was trained with (or ``tokenizer``: a run/checkpoint folder)."""
+    from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+    from cupola.toolkit.config import from_dict
+    from cupola.toolkit.modules.lora import merge_lora_weights
+    from cupola.toolkit.training.checkpoint import load_model_weights
+
+    ckpt, config = _run(path)
+    model = ARWorldModel(from_dict(ARConfig, config["model"]))
+    weights = merge_lora_weights({k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()})
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    return model.to(device).eval(), load_tokenizer(tokenizer or config["tokenizer"], device)
+
+
+class ARModule(ParallelModule):
+    def __init__(
+        self,
+        config: ARConfig,
+        *,
+        tokenizer: str,
+        optim: OptimConfig,
+        parallel: ParallelConfig,
+        precision: str,
+        max_steps: int,
+        init_from: str | None = None,
+        lora: LoRAConfig | None = None,
+    ) -> None:
+        super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
+        self.config = config
+        self.tokenizer_path = tokenizer
+        self.init_from = init_from
+        self.lora = lora
+        # frozen helpers stay out of the state dict, the optimizer and checkpoints
+        self.__dict__["tokenizer"] = None
+        self.__dict__["t5"] = None
+
+    # building ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        model = ARWorldModel(self.config)
+        if self.lora is not None:
+            apply_lora(model.layers, self.lora)
+        return model
+
+    def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
+        p = self.parallel_cfg
+        return parallelize_ar(
+            model,
+            dims,
+            param_dtype=self.param_dtype,
+            activation_checkpointing=p.activation_checkpointing,
+            compile=p.compile,
+        )
+
+    def init_weights(self, model: nn.Module) -> None:
+        model.init_weights()
+        init_lora(model)
+
+    def initial_weights(self) -> Mapping[str, SliceSource] | None:
+        return ar_sources(self.init_from, self.config) if self.init_from else None
+
+    def freeze(self, model: nn.Module) -> None:
+        if self.lora is not None:
+            set_lora_trainable(model, self.lora)
+
+    def on_fit_start(self) -> None:
+        self.helpers()
+
+    def helpers(self):
+        """The frozen DV tokenizer (and T5 encoder), loaded once on this module's device."""
+        if self.__dict__["tokenizer"] is None:
+            from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+
+            tok = load_tokenizer(self.tokenizer_path, self.device)
+            if not tok.cfg.discrete:
+                raise ConfigError(
+                    f"tokenizer={self.tokenizer_path!r} is continuous (CV); autoregressive models need a "
+                    "discrete (DV, FSQ) tokenizer"
+                )
+            if tok.fsq.codebook_size != self.config.vocab_size:
+                raise ConfigError(
+                    f"the tokenizer has {tok.fsq.codebook_size} codes, the model vocab_size="
+                    f"{self.config.vocab_size}; make them equal"
+                )
+            tok.requires_grad_(False)
+            self.__dict__["tokenizer"] = tok
+            if self.config.cross_attention and self.config.text.kind == "t5":
+                from cupola.collections.world.text import T5TextEncoder
+
+                self.__dict__["t5"] = T5TextEncoder(self.config.text, self.device)
+        return self.__dict__["tokenizer"], self.__dict__["t5"]
+
+    # training ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def indices(self, video_B_3_T_H_W: torch.Tensor) -> torch.Tensor:
+        """FSQ indices ``[B, t, h, w]`` of the clips."""
+        tok, _ = self.helpers()
+        return tok.encode(video_B_3_T_H_W.float())[1]
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        idx = self.indices(batch["video"])
+        grid = tuple(idx.shape[1:])
+        tokens = idx.flatten(1).long()
+        context = context_mask = None
+        if self.config.cross_attention:
+            prompts = batch.get("prompt")
+            if prompts is None:
+                raise ValueError(
+                    "a model with cross_attention trains on prompts: the data gives no batch['prompt']"
+                )
+            _, t5 = self.helpers()
+            context, context_mask = self.model.encode_text(list(prompts), t5)
+        logits = self.model(tokens[:, :-1], grid, context=context, context_mask=context_mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
