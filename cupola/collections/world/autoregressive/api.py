@@ -7,10 +7,9 @@ from typing import Any
 
 from cupola.collections.world.autoregressive.lightning import ARModule
 from cupola.collections.world.autoregressive.model import ARConfig
-from cupola.toolkit.config import ConfigError, config_error, to_dict, validate
+from cupola.collections.world.common import train_world_model
 from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
-from cupola.toolkit.training.fit import RunInfo, fit
 
 __all__ = ["train"]
 
@@ -29,40 +28,6 @@ def train(
     [-1, 1], and ``prompt`` for a model with cross-attention), tokenized by the frozen discrete
     ``tokenizer`` (a cupola DV tokenizer run or checkpoint). ``init_from``: an autoregressive run to
     post-train; ``lora``: train adapters instead of every weight."""
-    parallel = parallel or ParallelConfig()
-    validate(model)
-    validate(optim)
-    if lora is not None:
-        validate(lora)
-        if init_from is None:
-            raise config_error(
-                "train", "lora", "LoRAConfig", "adapts a trained model: set init_from= as well"
-            )
-    if trainer.export_hf:
-        raise ConfigError(
-            "trainer.export_hf: autoregressive world-model runs have no Hugging Face export; set it to false"
-        )
-    module = ARModule(
-        model,
-        tokenizer=tokenizer,
-        optim=optim,
-        parallel=parallel,
-        precision=trainer.precision,
-        max_steps=trainer.max_steps,
-        init_from=init_from,
-        lora=lora,
+    return train_world_model(
+        ARModule, "autoregressive", model, data, trainer, optim, tokenizer, parallel, init_from, lora
     )
-    run_config = {
-        "model": to_dict(model),
-        "data": {k: v for k, v in dict(getattr(data, "hparams", {})).items() if not k.startswith("_")},
-        "trainer": to_dict(trainer),
-        "optim": to_dict(optim),
-        "parallel": to_dict(parallel),
-        "tokenizer": tokenizer,
-        "init_from": init_from,
-        "lora": to_dict(lora) if lora is not None else None,
-        "wfm": "autoregressive",
-    }
-    # throughput counts frames (the token count per clip depends on the tokenizer); no MFU figure
-    info = RunInfo(seq_len=data.num_frames, micro_batch_size=data.micro_batch_size, flops_per_token=0.0)
-    return fit(module, data, trainer, info, run_config=run_config)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from cupola.collections.world.common import train_world_model
 from cupola.collections.world.diffusion.lightning import DiffusionModule
 from cupola.collections.world.diffusion.model import WFMConfig
-from cupola.toolkit.config import ConfigError, config_error, to_dict, validate
+from cupola.toolkit.config import config_error
 from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
-from cupola.toolkit.training.fit import RunInfo, fit
 
 __all__ = ["train"]
 
@@ -29,42 +29,20 @@ def train(
     [-1, 1], with ``prompt``, and ``actions`` or ``intrinsics``/``cam_to_world`` for conditioned models),
     encoded by the frozen continuous ``tokenizer`` (a cupola tokenizer run or a diffusers folder).
     ``init_from``: a diffusion run to post-train; ``lora``: train adapters instead of every weight."""
-    parallel = parallel or ParallelConfig()
-    validate(model)
-    validate(optim)
-    if lora is not None:
-        validate(lora)
-        if init_from is None:
-            raise config_error(
-                "train", "lora", "LoRAConfig", "adapts a trained model: set init_from= as well"
-            )
-    if trainer.export_hf:
-        raise ConfigError("trainer.export_hf: diffusion runs have no Hugging Face export; set it to false")
     if model.dit.action_dim and getattr(data, "kind", "push") != "push":
         raise config_error(
             "data", "kind", getattr(data, "kind", None), "an action-conditioned model needs data with actions"
         )
-    module = DiffusionModule(
+    return train_world_model(
+        DiffusionModule,
+        "diffusion",
         model,
-        tokenizer=tokenizer,
-        optim=optim,
-        parallel=parallel,
-        precision=trainer.precision,
-        max_steps=trainer.max_steps,
-        init_from=init_from,
-        lora=lora,
+        data,
+        trainer,
+        optim,
+        tokenizer,
+        parallel,
+        init_from,
+        lora,
         seed=trainer.seed,
     )
-    run_config = {
-        "model": to_dict(model),
-        "data": {k: v for k, v in dict(getattr(data, "hparams", {})).items() if not k.startswith("_")},
-        "trainer": to_dict(trainer),
-        "optim": to_dict(optim),
-        "parallel": to_dict(parallel),
-        "tokenizer": tokenizer,
-        "init_from": init_from,
-        "lora": to_dict(lora) if lora is not None else None,
-        "wfm": "diffusion",
-    }
-    info = RunInfo(seq_len=data.num_frames, micro_batch_size=data.micro_batch_size, flops_per_token=0.0)
-    return fit(module, data, trainer, info, run_config=run_config)

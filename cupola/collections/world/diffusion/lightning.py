@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cupola.collections.world.common import parallelize_blocks
 from cupola.collections.world.diffusion.model import Conditioning, DiffusionWFM, WFMConfig
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
-from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
 from cupola.toolkit.training.callbacks import global_mean
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
@@ -31,37 +31,19 @@ def parallelize_wfm(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> DiffusionWFM:
-    """AC → compile → FSDP2 per DiT block (and the text encoder), the rest in the root unit; on one
-    process, single-process mixed precision instead."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    for name, degree in (("tp", dims.tp), ("ep", dims.ep), ("sp", dims.sp)):
-        if degree > 1:
-            raise ConfigError(
-                f"parallel.{name}={degree} is not supported for diffusion world models yet; use data "
-                "parallelism (parallel.dp_shard / dp_replicate)"
-            )
-    blocks = model.dit.blocks
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-    if compile:
-        for block in blocks:
-            block.compile()
-    if dims.world_size == 1:
-        if param_dtype != torch.float32:
-            apply_mixed_precision(model, param_dtype)
-        return model
-    mesh = dims.submesh("dp_shard_sp") if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_sp"]
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    if model.text_encoder is not None:
-        fully_shard(model.text_encoder, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
+    """FSDP2 per DiT block (and the byte text encoder); see :func:`~cupola.collections.world.common.parallelize_blocks`."""
+    units = [model.text_encoder] if model.text_encoder is not None else []
+    return parallelize_blocks(
+        model,
+        model.dit.blocks,
+        dims,
+        what="diffusion world models",
+        units=units,
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        activation_checkpointing=activation_checkpointing,
+        compile=compile,
+    )
 
 
 def wfm_sources(init_from: str, cfg: WFMConfig) -> dict[str, SliceSource]:
