@@ -274,14 +274,11 @@ def cosmos_dit_tiny_text2world(output_dir: str = "runs/cosmos_dit_tiny_text2worl
     )
 
 
-@recipe
-def cosmos_dit_tiny_video2world_posttrain(
-    output_dir: str = "runs/cosmos_dit_tiny_video2world_posttrain",
-) -> run.Partial:
-    """CPU: post-train the tiny Text2World run into Video2World (the first frame given)."""
+def _tiny_posttrain(model: run.Config, data: run.Config, output_dir: str) -> run.Partial:
+    """300 CPU steps from the tiny Text2World run."""
     return _wfm_run(
-        _wfm_model("tiny", cond_frames=1),
-        _env("push", 9, 32, 8, 256),
+        model,
+        data,
         output_dir,
         tokenizer=_TINY_TOKENIZER,
         steps=300,
@@ -291,6 +288,18 @@ def cosmos_dit_tiny_video2world_posttrain(
         init_from="runs/cosmos_dit_tiny_text2world",
         checkpoint_every=150,
         val_every=150,
+    )
+
+
+@recipe
+def cosmos_dit_tiny_video2world_posttrain(
+    output_dir: str = "runs/cosmos_dit_tiny_video2world_posttrain",
+) -> run.Partial:
+    """CPU: post-train the tiny Text2World run into Video2World (the first frame given)."""
+    return _tiny_posttrain(
+        _wfm_model("tiny", cond_frames=1),
+        _env("push", 9, 32, 8, 256),
+        output_dir,
     )
 
 
@@ -300,18 +309,10 @@ def cosmos_dit_tiny_action_posttrain(
 ) -> run.Partial:
     """CPU: post-train the tiny Text2World run into an action-conditioned world model on the push
     environment: the first frame and 8 pushes (2-D) → the next 8 frames."""
-    return _wfm_run(
+    return _tiny_posttrain(
         _wfm_model("tiny", cond_frames=1, action_dim=2, actions_per_latent=4),
         _env("push", 9, 32, 8, 256),
         output_dir,
-        tokenizer=_TINY_TOKENIZER,
-        steps=300,
-        lr=5e-4,
-        devices=1,
-        precision="32",
-        init_from="runs/cosmos_dit_tiny_text2world",
-        checkpoint_every=150,
-        val_every=150,
     )
 
 
@@ -321,18 +322,10 @@ def cosmos_dit_tiny_camera_posttrain(
 ) -> run.Partial:
     """CPU: post-train the tiny Text2World run into a camera-conditioned world model (Plücker rays) on
     the generated 3D scene seen from known camera paths."""
-    return _wfm_run(
+    return _tiny_posttrain(
         _wfm_model("tiny", cond_frames=1, camera=True),
         _env("camera", 9, 32, 8, 128, cache_dir="runs/cache/camera_env"),
         output_dir,
-        tokenizer=_TINY_TOKENIZER,
-        steps=300,
-        lr=5e-4,
-        devices=1,
-        precision="32",
-        init_from="runs/cosmos_dit_tiny_text2world",
-        checkpoint_every=150,
-        val_every=150,
     )
 
 
