@@ -51,8 +51,11 @@ def test_tiny_text2world_trains_with_falling_loss(runs):
     assert _series(runs["t2w"], "val/loss")
 
 
-@pytest.mark.parametrize("name", ["cosmos_dit_tiny_action_posttrain", "cosmos_dit_tiny_action_lora"])
-def test_action_posttraining_starts_from_the_text2world_run(runs, tmp_path, name):
+@pytest.mark.parametrize(
+    "name",
+    ["cosmos_dit_tiny_action_posttrain", "cosmos_dit_tiny_action_lora", "cosmos_dit_tiny_camera_posttrain"],
+)
+def test_posttraining_starts_from_the_text2world_run(runs, tmp_path, name):
     out = tmp_path / name
     overrides = (
         "data.train_episodes=16",
@@ -60,6 +63,7 @@ def test_action_posttraining_starts_from_the_text2world_run(runs, tmp_path, name
         "data.micro_batch_size=4",
         f"tokenizer={runs['tok']}",
         f"init_from={runs['t2w']}",
+        *([f"data.cache_dir={tmp_path / 'cache'}"] if "camera" in name else []),
     )
     spawn(_train, 1, name, str(out), 4, overrides)
     loss = _series(out, "train/loss")
@@ -71,10 +75,11 @@ def test_action_posttraining_starts_from_the_text2world_run(runs, tmp_path, name
 
     weights = load_model_weights(run_checkpoint(str(out)))
     base = load_model_weights(run_checkpoint(str(runs["t2w"])))
-    # the latent scale measured in pretraining carries over; the patch embedding gained the mask column
+    # the latent scale measured in pretraining carries over; the patch embedding gained the mask
+    # channel (and 6 Plücker channels for cameras), x 1x2x2 patch
     assert torch.equal(weights["model.latent_scale"], base["model.latent_scale"])
     old, new = base["model.dit.patch_embed.weight"], weights["model.dit.patch_embed.weight"]
-    assert new.shape[1] == old.shape[1] + 4  # 1 mask channel x 1x2x2 patch
+    assert new.shape[1] == old.shape[1] + 4 * (1 + (6 if "camera" in name else 0))
     assert any(k.endswith("lora_a") for k in weights) == name.endswith("lora")
 
 
