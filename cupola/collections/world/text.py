@@ -95,18 +95,12 @@ class ByteTextEncoder(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
+        out_std = 0.02 / (2 * self.cfg.n_layers) ** 0.5
         for block in self.blocks:
-            block.attn.init_weights(0.02, 0.02 / (2 * self.cfg.n_layers) ** 0.5)
-            for m in block.modules():
-                if isinstance(m, RMSNorm):
-                    m.reset_parameters()
-                elif isinstance(m, nn.Linear) and m not in (
-                    block.attn.wq,
-                    block.attn.wk,
-                    block.attn.wv,
-                    block.attn.wo,
-                ):
-                    nn.init.normal_(m.weight, std=0.02)
+            block.attn.init_weights(0.02, out_std)
+            block.mlp.init_weights(0.02, out_std)
+            block.norm1.reset_parameters()
+            block.norm2.reset_parameters()
         self.norm.reset_parameters()
 
     def tokenize(self, prompts: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

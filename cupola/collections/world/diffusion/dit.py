@@ -19,6 +19,7 @@ their own (small) noise level, and action conditioning adds each frame's action 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -113,8 +114,6 @@ DIT_FLAVORS: dict[str, DiTConfig] = {
 def dit_config(flavor: str, **changes) -> DiTConfig:
     if flavor not in DIT_FLAVORS:
         raise config_error("DiTConfig", "flavor", flavor, f"must be one of {sorted(DIT_FLAVORS)}")
-    import dataclasses
-
     return dataclasses.replace(DIT_FLAVORS[flavor], **changes)
 
 
