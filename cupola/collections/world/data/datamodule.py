@@ -21,14 +21,14 @@ samplers and a ``StatefulDataLoader`` whose state Lightning checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cupola.collections.llm.data.pretrain import ResumableDistributedSampler
@@ -36,7 +36,7 @@ from cupola.collections.world.data.clips import ON_BAD_MEDIA, VideoClipDataset, 
 from cupola.collections.world.data.synthetic import SYNTHETIC, parse_synthetic_spec, synthetic_videos
 from cupola.toolkit.config import ConfigError, check_choice
 
-__all__ = ["EpochIndexSampler", "VideoClipDataModule", "collate_clips"]
+__all__ = ["EpochIndexSampler", "ShardedLoaders", "VideoClipDataModule", "collate_clips"]
 
 
 class EpochIndexSampler(ResumableDistributedSampler):
@@ -54,7 +54,82 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"video": torch.stack([item["video"] for item in items]), "ids": [item["id"] for item in items]}
 
 
-class VideoClipDataModule(pl.LightningDataModule):
+class ShardedLoaders(pl.LightningDataModule):
+    """The sampling and resume of the world DataModules: ``train_dataset`` shuffled per epoch by
+    :class:`EpochIndexSampler` over ``dp_size`` ranks (each rank the same number of full batches),
+    ``val_dataset`` in order, both in a ``StatefulDataLoader`` whose state resumes mid-epoch with the
+    uninterrupted run's batches. Subclasses set ``collate``, ``micro_batch_size``, ``num_workers``,
+    ``seed`` and the datasets, and call :meth:`_check_shares` at the end of ``setup``.
+
+    ``dp_rank``/``dp_size`` pick this process's share; the trainer glue sets them before ``setup``
+    (default: the torch.distributed rank and world size, or 0 and 1).
+    """
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    micro_batch_size: int
+    num_workers: int
+    seed: int
+    dp_rank: int | None = None
+    dp_size: int | None = None
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+
+    def _check_shares(self, available: int, described: str, more: str) -> None:
+        """Fill in ``dp_rank``/``dp_size`` if the trainer glue did not, and check that every rank gets
+        a full batch of the ``available`` training items (``described`` says where they come from,
+        ``more`` how to get more)."""
+        name = type(self).__name__
+        if self.dp_size is None or self.dp_rank is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            self.dp_rank = dist.get_rank() if distributed else 0
+            self.dp_size = dist.get_world_size() if distributed else 1
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ConfigError(f"{name}: dp_rank={self.dp_rank} is not in [0, dp_size={self.dp_size})")
+        if available // self.dp_size < self.micro_batch_size:
+            raise ConfigError(
+                f"{name}: {described}; over dp_size={self.dp_size} ranks that is {available // self.dp_size} "
+                f"per rank, less than one batch of micro_batch_size={self.micro_batch_size}. {more}, or lower "
+                "micro_batch_size."
+            )
+
+    def _loader(self, dataset: Dataset, sampler: DistributedSampler, drop_last: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.micro_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=type(self).collate,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled per epoch (Lightning calls ``sampler.set_epoch``); each rank gets the same number
+        of full batches of its own items."""
+        sampler = EpochIndexSampler(
+            self.train_dataset,
+            num_replicas=self.dp_size,
+            rank=self.dp_rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            batch_size=self.micro_batch_size,
+        )
+        return self._loader(self.train_dataset, sampler, drop_last=True)
+
+    def val_dataloader(self) -> StatefulDataLoader | list:
+        """In order, sharded over dp ranks (a few repeat to give every rank the same count; the last
+        batch may be short); ``[]`` without a validation set: Lightning then skips validation."""
+        if self.val_dataset is None:
+            return []
+        sampler = DistributedSampler(
+            self.val_dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=False, drop_last=False
+        )
+        return self._loader(self.val_dataset, sampler, drop_last=False)
+
+
+class VideoClipDataModule(ShardedLoaders):
     """Clip batches (see the module docstring for the batch contract).
 
     ``train`` / ``val``: a folder of videos, a video, a ``.txt`` list, ``.tar`` shards (a shard, a
@@ -64,10 +139,10 @@ class VideoClipDataModule(pl.LightningDataModule):
     no validation. ``num_frames`` must suit the tokenizer (1 + k x its temporal compression,
     :func:`~cupola.collections.world.data.clips.check_num_frames`). ``on_bad_media``: ``"error"``
     or ``"skip"`` (:class:`~cupola.collections.world.data.clips.VideoClipDataset`).
-
-    ``dp_rank``/``dp_size`` pick this process's share; the trainer glue sets them before ``setup``
-    (default: the torch.distributed rank and world size, or 0 and 1).
+    Sampling, sharding and resume: :class:`ShardedLoaders`.
     """
+
+    collate = staticmethod(collate_clips)
 
     def __init__(
         self,
@@ -100,10 +175,6 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.num_frames, self.size, self.frame_stride = num_frames, size, frame_stride
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.seed, self.on_bad_media = seed, on_bad_media
-        self.dp_rank: int | None = None
-        self.dp_size: int | None = None
-        self.train_dataset: VideoClipDataset | None = None
-        self.val_dataset: VideoClipDataset | None = None
 
     @staticmethod
     def _resolve(source: str) -> str:
@@ -131,59 +202,11 @@ class VideoClipDataModule(pl.LightningDataModule):
             self.train_dataset = self._dataset(self.train, train=True)
         if self.val is not None and self.val_dataset is None:
             self.val_dataset = self._dataset(self.val, train=False)
-        if self.dp_size is None or self.dp_rank is None:
-            distributed = dist.is_available() and dist.is_initialized()
-            self.dp_rank = dist.get_rank() if distributed else 0
-            self.dp_size = dist.get_world_size() if distributed else 1
-        if not 0 <= self.dp_rank < self.dp_size:
-            raise ConfigError(
-                f"VideoClipDataModule: dp_rank={self.dp_rank} is not in [0, dp_size={self.dp_size})"
-            )
+        stats = self.train_dataset.stats
         videos = len(self.train_dataset)
-        if videos // self.dp_size < self.micro_batch_size:
-            stats = self.train_dataset.stats
-            raise ConfigError(
-                f"VideoClipDataModule: train={self.train!r} gives {videos} usable videos "
-                f"({stats['skipped_bad_media']} unreadable and {stats['skipped_too_short']} too short "
-                f"left out); over dp_size={self.dp_size} ranks that is {videos // self.dp_size} per rank, "
-                f"less than one batch of micro_batch_size={self.micro_batch_size}. Add videos, or lower "
-                "micro_batch_size."
-            )
-
-    def _loader(
-        self, dataset: VideoClipDataset, sampler: DistributedSampler, drop_last: bool
-    ) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            dataset,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_clips,
-            drop_last=drop_last,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+        self._check_shares(
+            videos,
+            f"train={self.train!r} gives {videos} usable videos ({stats['skipped_bad_media']} unreadable "
+            f"and {stats['skipped_too_short']} too short left out)",
+            "Add videos",
         )
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        """Videos shuffled per epoch (Lightning calls ``sampler.set_epoch``); each rank gets the same
-        number of full batches of its own videos, and a new clip of each every epoch."""
-        sampler = EpochIndexSampler(
-            self.train_dataset,
-            num_replicas=self.dp_size,
-            rank=self.dp_rank,
-            shuffle=True,
-            seed=self.seed,
-            drop_last=True,
-            batch_size=self.micro_batch_size,
-        )
-        return self._loader(self.train_dataset, sampler, drop_last=True)
-
-    def val_dataloader(self) -> StatefulDataLoader | list:
-        """Centre clips in order, sharded over dp ranks (a few repeat to give every rank the same
-        count; the last batch may be short); ``[]`` without ``val``: Lightning then skips validation."""
-        if self.val_dataset is None:
-            return []
-        sampler = DistributedSampler(
-            self.val_dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=False, drop_last=False
-        )
-        return self._loader(self.val_dataset, sampler, drop_last=False)

@@ -55,17 +55,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Dataset
 
 from cupola.collections.world.data.clips import _check_int
-from cupola.collections.world.data.datamodule import EpochIndexSampler
-from cupola.toolkit.config import ConfigError, check_choice, config_error, from_dict
+from cupola.collections.world.data.datamodule import ShardedLoaders
+from cupola.toolkit.config import check_choice, config_error, from_dict
 
 __all__ = [
     "ENVIRONMENT_KINDS",
@@ -917,7 +914,7 @@ def generate_episodes(
     return episodes
 
 
-class EnvironmentDataModule(pl.LightningDataModule):
+class EnvironmentDataModule(ShardedLoaders):
     """Batches of generated push or camera episodes (the module docstring's contract), for
     post-training action- (``kind="push"``) or camera-conditioned (``kind="camera"``) world models.
 
@@ -929,11 +926,12 @@ class EnvironmentDataModule(pl.LightningDataModule):
     theirs. ``prompt``: ``None`` gives each sample its episode's description, a string gives every
     sample that text.
 
-    Sampling and resume are :class:`~cupola.collections.world.data.datamodule.VideoClipDataModule`'s:
-    episodes shuffled per epoch by ``EpochIndexSampler`` over ``dp_size`` ranks (full batches
-    only), in a ``StatefulDataLoader`` whose state resumes mid-epoch with the uninterrupted run's
-    batches. Train with ``Trainer(use_distributed_sampler=False)``.
+    Sampling, sharding and resume: :class:`~cupola.collections.world.data.datamodule.ShardedLoaders`
+    (episodes shuffled per epoch, full batches only, resumable mid-epoch). Train with
+    ``Trainer(use_distributed_sampler=False)``.
     """
+
+    collate = staticmethod(collate_episodes)
 
     def __init__(
         self,
@@ -966,10 +964,6 @@ class EnvironmentDataModule(pl.LightningDataModule):
         self.train_episodes, self.val_episodes = train_episodes, val_episodes
         self.prompt, self.cache_dir = prompt, cache_dir
         self.fps = self.env_config.fps
-        self.dp_rank: int | None = None
-        self.dp_size: int | None = None
-        self.train_dataset: EpisodeDataset | None = None
-        self.val_dataset: EpisodeDataset | None = None
 
     def _episodes(self, split: str) -> list[PushEpisode] | list[CameraEpisode]:
         n, start = (self.train_episodes, 0) if split == "train" else (self.val_episodes, VAL_START)
@@ -992,54 +986,6 @@ class EnvironmentDataModule(pl.LightningDataModule):
             self.val_dataset = EpisodeDataset(
                 self._episodes("val"), fps=self.fps, prompt=self.prompt, name=f"{self.kind}_val"
             )
-        if self.dp_size is None or self.dp_rank is None:
-            distributed = dist.is_available() and dist.is_initialized()
-            self.dp_rank = dist.get_rank() if distributed else 0
-            self.dp_size = dist.get_world_size() if distributed else 1
-        if not 0 <= self.dp_rank < self.dp_size:
-            raise ConfigError(
-                f"EnvironmentDataModule: dp_rank={self.dp_rank} is not in [0, dp_size={self.dp_size})"
-            )
-        if self.train_episodes // self.dp_size < self.micro_batch_size:
-            raise ConfigError(
-                f"EnvironmentDataModule: train_episodes={self.train_episodes} over dp_size={self.dp_size} ranks is "
-                f"{self.train_episodes // self.dp_size} per rank, less than one batch of "
-                f"micro_batch_size={self.micro_batch_size}; raise train_episodes or lower micro_batch_size"
-            )
-
-    def _loader(
-        self, dataset: EpisodeDataset, sampler: DistributedSampler, drop_last: bool
-    ) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            dataset,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_episodes,
-            drop_last=drop_last,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+        self._check_shares(
+            self.train_episodes, f"train_episodes={self.train_episodes}", "Raise train_episodes"
         )
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        """Episodes shuffled per epoch (Lightning calls ``sampler.set_epoch``); each rank gets the same
-        number of full batches of its own episodes."""
-        sampler = EpochIndexSampler(
-            self.train_dataset,
-            num_replicas=self.dp_size,
-            rank=self.dp_rank,
-            shuffle=True,
-            seed=self.seed,
-            drop_last=True,
-            batch_size=self.micro_batch_size,
-        )
-        return self._loader(self.train_dataset, sampler, drop_last=True)
-
-    def val_dataloader(self) -> StatefulDataLoader | list:
-        """Validation episodes in order, sharded over dp ranks; ``[]`` without them (no validation)."""
-        if self.val_dataset is None:
-            return []
-        sampler = DistributedSampler(
-            self.val_dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=False, drop_last=False
-        )
-        return self._loader(self.val_dataset, sampler, drop_last=False)
