@@ -22,6 +22,7 @@ Writes ``benchmarks/results/action_world_model_<device>.json`` with a PNG of rol
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -39,7 +40,8 @@ from cupola.collections.world.diffusion.dit import dit_config
 from cupola.collections.world.diffusion.generate import load_wfm
 from cupola.collections.world.diffusion.model import WFMConfig
 from cupola.collections.world.tokenizers import api as tok_api
-from cupola.collections.world.tokenizers.model import tokenizer_config
+from cupola.collections.world.tokenizers.checkpoint import load_tokenizer
+from cupola.collections.world.tokenizers.model import TokenizerConfig, tokenizer_config
 from cupola.toolkit.training.configs import OptimConfig, TrainerConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -82,35 +84,76 @@ def _optim(lr: float, steps: int) -> OptimConfig:
     return OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 50), weight_decay=0.0)
 
 
-def train_all(args, root: Path) -> dict[str, float]:
-    times = {}
-    t0 = time.perf_counter()
+def experiment_tokenizer(args) -> TokenizerConfig:
+    """The tiny tokenizer's structure at the experiment's compression and width: the world models can
+    only be as good as its reconstructions, so it must resolve the floor and the object."""
+    w = args.tokenizer_width
+    return tokenizer_config(
+        "tiny",
+        spatial_compression=args.tokenizer_spatial,
+        latent_channels=args.tokenizer_latent_channels,
+        encoder_channels=(w, 2 * w, 2 * w, 2 * w),
+        decoder_channels=(w, 2 * w, 2 * w, 2 * w),
+    )
+
+
+def train_tokenizer(args, root: Path) -> Path:
+    if args.tokenizer:
+        return Path(args.tokenizer)
     tok_api.train(
-        tokenizer_config("tiny"),
+        experiment_tokenizer(args),
         _data(args, args.batch),
         _trainer(root / "tokenizer", args.tokenizer_steps),
         _optim(2e-3, args.tokenizer_steps),
     )
-    times["tokenizer_s"] = time.perf_counter() - t0
+    return root / "tokenizer"
+
+
+def held_out(args) -> list:
+    cfg = PushEnvConfig(size=args.size, frames=args.frames)
+    return push_episodes(args.eval_episodes, cfg, args.seed + 1, start=2**31 + 10**6)  # never trained on
+
+
+def reconstruct(tok, video: np.ndarray, device: str) -> np.ndarray:
+    """The tokenizer's reconstruction of ``[T, H, W, 3]`` uint8 frames, as uint8 frames."""
+    with torch.no_grad():
+        x = torch.from_numpy(video).to(device).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        rec = tok.decode(tok.encode_latent(x))
+    return ((rec[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def score_tokenizer(args, path: Path, device: str) -> dict[str, float]:
+    """Reconstruction PSNR (the world models' ceiling) and copy-last-frame PSNR on held-out episodes."""
+    tok = load_tokenizer(path, device)
+    scores: dict[str, list[float]] = {"tokenizer_ceiling": [], "copy_last_frame": []}
+    for ep in held_out(args):
+        truth = ep.video
+        scores["tokenizer_ceiling"].append(psnr(reconstruct(tok, truth, device)[1:], truth[1:]))
+        scores["copy_last_frame"].append(psnr(np.repeat(truth[:1], args.frames - 1, axis=0), truth[1:]))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def train_world_models(args, root: Path, tokenizer: Path) -> dict[str, float]:
+    times = {}
+    channels = load_tokenizer(tokenizer).cfg.latent_channels
     for name, dit in (
         ("no_actions", {"video2world": True}),
         ("actions", {"video2world": True, "action_dim": 2, "actions_per_latent": 4}),
     ):
         t0 = time.perf_counter()
         wfm_api.train(
-            WFMConfig(dit=dit_config("tiny", **dit), cond_frames=1, cond_dropout=0.0),
+            WFMConfig(dit=dit_config("tiny", latent_channels=channels, **dit), cond_frames=1, cond_dropout=0.0),
             _data(args, args.batch),
             _trainer(root / name, args.wfm_steps),
             _optim(1e-3, args.wfm_steps),
-            tokenizer=str(root / "tokenizer"),
+            tokenizer=str(tokenizer),
         )
         times[f"{name}_s"] = time.perf_counter() - t0
     return times
 
 
 def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    cfg = PushEnvConfig(size=args.size, frames=args.frames)
-    episodes = push_episodes(args.eval_episodes, cfg, args.seed + 1, start=2**31 + 10**6)  # never trained on
+    episodes = held_out(args)
     act = load_wfm(root / "actions", device)
     plain = load_wfm(root / "no_actions", device)
     tok = act.tokenizer
@@ -134,12 +177,7 @@ def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str,
             "no_actions": plain.generate(**common),
             "copy_last_frame": np.repeat(first, args.frames, axis=0),
         }
-        with torch.no_grad():
-            x = torch.from_numpy(truth).to(device).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
-            rec = tok.decode(tok.encode_latent(x))
-        outs["tokenizer_ceiling"] = (
-            ((rec[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
-        )
+        outs["tokenizer_ceiling"] = reconstruct(tok, truth, device)
         for k, v in outs.items():
             scores[k].append(psnr(v[1:], truth[1:]))
         if i < 4:
@@ -172,12 +210,17 @@ def write_media(shown: dict[str, list[np.ndarray]], path: Path, fps: float) -> N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a CPU smoke run: few steps and episodes")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--episodes", type=int, default=2048)
     p.add_argument("--eval-episodes", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokenizer-steps", type=int, default=3000)
+    p.add_argument("--tokenizer", help="a trained tokenizer run to use instead of training one")
+    p.add_argument("--tokenizer-only", action="store_true", help="train and score the tokenizer, then stop")
+    p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
+    p.add_argument("--tokenizer-latent-channels", type=int, default=16)
+    p.add_argument("--tokenizer-width", type=int, default=32, help="first encoder/decoder width (tiny: 16)")
     p.add_argument("--wfm-steps", type=int, default=3000)
     p.add_argument("--sample-steps", type=int, default=35)
     p.add_argument("--workers", type=int, default=4)
@@ -188,16 +231,30 @@ def main() -> None:
     if args.quick:
         args.size, args.frames, args.episodes, args.eval_episodes, args.batch = 32, 9, 32, 4, 4
         args.tokenizer_steps, args.wfm_steps, args.sample_steps, args.workers = 10, 10, 4, 0
+        args.tokenizer_width = 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root = Path(args.work)
-    times = train_all(args, root)
-    t0 = time.perf_counter()
-    scores, shown = evaluate(args, root, device)
-    times["eval_s"] = time.perf_counter() - t0
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
     slug = name.replace("NVIDIA ", "").replace(" ", "_").lower() + ("_quick" if args.quick else "")
     out = Path(args.results) / f"action_world_model_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(args, root)
+    times = {"tokenizer_s": time.perf_counter() - t0}
+    if args.tokenizer_only:
+        scores = score_tokenizer(args, tokenizer, device)
+        out = out.with_name(out.stem + "_tokenizer.json")
+        out.write_text(
+            json.dumps(
+                {"device": name, "torch": torch.__version__, "args": vars(args), "psnr_db": scores}, indent=2
+            )
+        )
+        print(f"tokenizer {tokenizer}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
+        return
+    times.update(train_world_models(args, root, tokenizer))
+    t0 = time.perf_counter()
+    scores, shown = evaluate(args, root, device)
+    times["eval_s"] = time.perf_counter() - t0
     print(f"\nPSNR (dB) of generated frames 1..{args.frames - 1} on {args.eval_episodes} held-out episodes")
     print(f"| {'predictor':<22} | PSNR (dB) |\n|{'-' * 24}|-----------|")
     for k, v in sorted(scores.items(), key=lambda kv: -kv[1]):
@@ -207,6 +264,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "args": vars(args),
+        "tokenizer": dataclasses.asdict(load_tokenizer(tokenizer).cfg),
         "psnr_db": scores,
         "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
         "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
