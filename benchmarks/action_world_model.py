@@ -15,6 +15,10 @@ actions. The tokenizer's own reconstruction PSNR is the ceiling.
     python benchmarks/action_world_model.py                 # GPU: the recorded numbers
     python benchmarks/action_world_model.py --quick          # CPU smoke run (minutes, numbers meaningless)
 
+Stages, to fit a time budget: ``--stage tokenizer`` trains and scores the tokenizer alone (is its
+ceiling above copy-last-frame?); ``--stage world_model --model actions|no_actions`` trains one world
+model (the two can train side by side on one GPU); ``--stage evaluate`` scores the trained runs.
+
 Writes ``benchmarks/results/action_world_model_<device>.json`` with a PNG of rollouts
 (rows: truth, action model, no-action model, copy) and an MP4 of the same, beside it.
 """
@@ -76,7 +80,7 @@ def _trainer(out: Path, steps: int) -> TrainerConfig:
         log_every_n_steps=max(1, steps // 20),
         val_check_interval=steps,
         limit_val_batches=2,
-        checkpoint_every_n_steps=steps,
+        checkpoint_every_n_steps=max(1, steps // 4),  # a run cut off by a time limit keeps its last quarter
     )
 
 
@@ -97,16 +101,19 @@ def experiment_tokenizer(args) -> TokenizerConfig:
     )
 
 
-def train_tokenizer(args, root: Path) -> Path:
-    if args.tokenizer:
-        return Path(args.tokenizer)
+def _train_seconds(run: Path) -> float | None:
+    """The run's training wall time; None for a run cut off before it wrote its summary."""
+    summary = run / "summary.json"
+    return json.loads(summary.read_text())["wall_seconds"] if summary.is_file() else None
+
+
+def train_tokenizer(args, root: Path) -> None:
     tok_api.train(
         experiment_tokenizer(args),
         _data(args, args.batch),
         _trainer(root / "tokenizer", args.tokenizer_steps),
         _optim(2e-3, args.tokenizer_steps),
     )
-    return root / "tokenizer"
 
 
 def held_out(args) -> list:
@@ -133,23 +140,26 @@ def score_tokenizer(args, path: Path, device: str) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
-def train_world_models(args, root: Path, tokenizer: Path) -> dict[str, float]:
-    times = {}
+WORLD_MODELS = {
+    "no_actions": {"video2world": True},
+    "actions": {"video2world": True, "action_dim": 2, "actions_per_latent": 4},
+}
+
+
+def train_world_model(args, root: Path, tokenizer: Path, name: str) -> None:
+    """The same tiny Video2World DiT, with or without action conditioning, the same steps and data."""
     channels = load_tokenizer(tokenizer).cfg.latent_channels
-    for name, dit in (
-        ("no_actions", {"video2world": True}),
-        ("actions", {"video2world": True, "action_dim": 2, "actions_per_latent": 4}),
-    ):
-        t0 = time.perf_counter()
-        wfm_api.train(
-            WFMConfig(dit=dit_config("tiny", latent_channels=channels, **dit), cond_frames=1, cond_dropout=0.0),
-            _data(args, args.batch),
-            _trainer(root / name, args.wfm_steps),
-            _optim(1e-3, args.wfm_steps),
-            tokenizer=str(tokenizer),
-        )
-        times[f"{name}_s"] = time.perf_counter() - t0
-    return times
+    wfm_api.train(
+        WFMConfig(
+            dit=dit_config("tiny", latent_channels=channels, **WORLD_MODELS[name]),
+            cond_frames=1,
+            cond_dropout=0.0,
+        ),
+        _data(args, args.batch),
+        _trainer(root / name, args.wfm_steps),
+        _optim(1e-3, args.wfm_steps),
+        tokenizer=str(tokenizer),
+    )
 
 
 def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -217,7 +227,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokenizer-steps", type=int, default=3000)
     p.add_argument("--tokenizer", help="a trained tokenizer run to use instead of training one")
-    p.add_argument("--tokenizer-only", action="store_true", help="train and score the tokenizer, then stop")
+    p.add_argument(
+        "--stage",
+        choices=("all", "tokenizer", "world_model", "evaluate"),
+        default="all",
+        help="all: train everything, then evaluate; tokenizer: train and score the tokenizer only; "
+        "world_model: train --model only (runs can train side by side); evaluate: score trained runs",
+    )
+    p.add_argument("--model", choices=tuple(WORLD_MODELS), help="the world model --stage world_model trains")
     p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
     p.add_argument("--tokenizer-latent-channels", type=int, default=16)
     p.add_argument("--tokenizer-width", type=int, default=32, help="first encoder/decoder width (tiny: 16)")
@@ -238,10 +255,10 @@ def main() -> None:
     slug = name.replace("NVIDIA ", "").replace(" ", "_").lower() + ("_quick" if args.quick else "")
     out = Path(args.results) / f"action_world_model_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    tokenizer = train_tokenizer(args, root)
-    times = {"tokenizer_s": time.perf_counter() - t0}
-    if args.tokenizer_only:
+    tokenizer = Path(args.tokenizer) if args.tokenizer else root / "tokenizer"
+    if args.stage in ("all", "tokenizer") and not args.tokenizer:
+        train_tokenizer(args, root)
+    if args.stage == "tokenizer":
         scores = score_tokenizer(args, tokenizer, device)
         out = out.with_name(out.stem + "_tokenizer.json")
         out.write_text(
@@ -251,9 +268,17 @@ def main() -> None:
         )
         print(f"tokenizer {tokenizer}: " + ", ".join(f"{k} {v:.2f} dB" for k, v in scores.items()))
         return
-    times.update(train_world_models(args, root, tokenizer))
+    if args.stage == "world_model":
+        if args.model is None:
+            p.error("--stage world_model needs --model")
+        train_world_model(args, root, tokenizer, args.model)
+        return
+    if args.stage == "all":
+        for model in WORLD_MODELS:
+            train_world_model(args, root, tokenizer, model)
     t0 = time.perf_counter()
     scores, shown = evaluate(args, root, device)
+    times = {f"{run}_train_s": _train_seconds(root / run) for run in WORLD_MODELS}
     times["eval_s"] = time.perf_counter() - t0
     print(f"\nPSNR (dB) of generated frames 1..{args.frames - 1} on {args.eval_episodes} held-out episodes")
     print(f"| {'predictor':<22} | PSNR (dB) |\n|{'-' * 24}|-----------|")
@@ -265,6 +290,7 @@ def main() -> None:
         "python": platform.python_version(),
         "args": vars(args),
         "tokenizer": dataclasses.asdict(load_tokenizer(tokenizer).cfg),
+        "tokenizer_train_s": _train_seconds(tokenizer),
         "psnr_db": scores,
         "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
         "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
