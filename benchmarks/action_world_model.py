@@ -162,7 +162,11 @@ def train_world_model(args, root: Path, tokenizer: Path, name: str) -> None:
     )
 
 
-def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate(
+    args, root: Path, device: str
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[np.ndarray]]]:
+    """Mean PSNR over frames 1..T-1 and per frame, per predictor, on held-out episodes; and the
+    first episodes' videos to show."""
     episodes = held_out(args)
     act = load_wfm(root / "actions", device)
     plain = load_wfm(root / "no_actions", device)
@@ -170,11 +174,13 @@ def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str,
     scores: dict[str, list[float]] = {
         k: [] for k in ("actions", "no_actions", "shuffled_actions", "copy_last_frame", "tokenizer_ceiling")
     }
-    shown: dict[str, np.ndarray] = {}
+    per_frame: dict[str, list[list[float]]] = {k: [] for k in scores}
+    shown: dict[str, list[np.ndarray]] = {}
     for i, ep in enumerate(episodes):
         truth = ep.video
         first = truth[:1]
         common = {
+            "prompt": ep.prompt,  # the models were trained on each episode's description
             "frames": args.frames,
             "size": (args.size, args.size),
             "first_frames": first,
@@ -190,12 +196,33 @@ def evaluate(args, root: Path, device: str) -> tuple[dict[str, float], dict[str,
         outs["tokenizer_ceiling"] = reconstruct(tok, truth, device)
         for k, v in outs.items():
             scores[k].append(psnr(v[1:], truth[1:]))
+            per_frame[k].append([psnr(v[f : f + 1], truth[f : f + 1]) for f in range(1, args.frames)])
         if i < 4:
             for k in ("actions", "no_actions", "copy_last_frame"):
                 shown.setdefault(k, []).append(outs[k])
             shown.setdefault("truth", []).append(truth)
         print(f"[eval] {i + 1}/{len(episodes)}", file=sys.stderr, flush=True)
-    return {k: float(np.mean(v)) for k, v in scores.items()}, shown
+    curves = {k: np.mean(v, axis=0).tolist() for k, v in per_frame.items()}
+    return {k: float(np.mean(v)) for k, v in scores.items()}, curves, shown
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, v in curves.items():
+        ax.plot(range(1, len(v) + 1), v, marker="o", markersize=3, label=k)
+    ax.set_xlabel("frame (0 is given)")
+    ax.set_ylabel("PSNR vs. the true frame (dB)")
+    ax.set_title("held-out push episodes: predicted frames")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_media(shown: dict[str, list[np.ndarray]], path: Path, fps: float) -> None:
@@ -277,7 +304,7 @@ def main() -> None:
         for model in WORLD_MODELS:
             train_world_model(args, root, tokenizer, model)
     t0 = time.perf_counter()
-    scores, shown = evaluate(args, root, device)
+    scores, curves, shown = evaluate(args, root, device)
     times = {f"{run}_train_s": _train_seconds(root / run) for run in WORLD_MODELS}
     times["eval_s"] = time.perf_counter() - t0
     print(f"\nPSNR (dB) of generated frames 1..{args.frames - 1} on {args.eval_episodes} held-out episodes")
@@ -292,13 +319,15 @@ def main() -> None:
         "tokenizer": dataclasses.asdict(load_tokenizer(tokenizer).cfg),
         "tokenizer_train_s": _train_seconds(tokenizer),
         "psnr_db": scores,
+        "psnr_per_frame_db": curves,
         "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
         "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
         "seconds": times,
     }
     out.write_text(json.dumps(record, indent=2))
     write_media(shown, out, fps=8.0)
-    print(f"wrote {out} (+ .png, .mp4)")
+    plot_curves(curves, out.with_name(out.stem + "_psnr.png"))
+    print(f"wrote {out} (+ .png, .mp4, _psnr.png)")
 
 
 if __name__ == "__main__":
