@@ -69,6 +69,7 @@ def _data(args, batch: int) -> EnvironmentDataModule:
         val_episodes=8,
         seed=args.seed,
         num_workers=args.workers,
+        env=args.env,
     )
 
 
@@ -117,7 +118,7 @@ def train_tokenizer(args, root: Path) -> None:
 
 
 def held_out(args) -> list:
-    cfg = PushEnvConfig(size=args.size, frames=args.frames)
+    cfg = PushEnvConfig(size=args.size, frames=args.frames, **args.env)
     return push_episodes(args.eval_episodes, cfg, args.seed + 1, start=2**31 + 10**6)  # never trained on
 
 
@@ -265,6 +266,13 @@ def main() -> None:
     p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
     p.add_argument("--tokenizer-latent-channels", type=int, default=16)
     p.add_argument("--tokenizer-width", type=int, default=32, help="first encoder/decoder width (tiny: 16)")
+    p.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="PushEnvConfig fields to change, e.g. action_scale=0.03 radius=[0.12,0.2] (values are JSON)",
+    )
     p.add_argument("--wfm-steps", type=int, default=3000)
     p.add_argument("--sample-steps", type=int, default=35)
     p.add_argument("--workers", type=int, default=4)
@@ -272,6 +280,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/action_world_model", help="where the three runs go")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args()
+    args.env = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.env)}
+    args.env = {k: tuple(v) if isinstance(v, list) else v for k, v in args.env.items()}
     if args.quick:
         args.size, args.frames, args.episodes, args.eval_episodes, args.batch = 32, 9, 32, 4, 4
         args.tokenizer_steps, args.wfm_steps, args.sample_steps, args.workers = 10, 10, 4, 0
