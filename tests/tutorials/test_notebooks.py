@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
@@ -168,3 +169,61 @@ def test_tiny_tokenizer(run_tutorial: RunTutorial):
     found = re.search(r"chunked vs one shot: max difference (\S+)", stdout_of(nb, "chunked"))
     assert found and float(found[1]) < 1e-4, stdout_of(nb, "chunked")
     assert "frames=33" in stdout_of(nb, "cli")
+
+
+def decoded_frames(path: Path) -> list:
+    """Every frame of a video file as PyAV decodes it (``uint8 [H, W, 3]`` each)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@pytest.mark.slow
+def test_tiny_world_model(run_tutorial: RunTutorial):
+    # three launches (tokenizer, Text2World, action post-training from it), 4 steps each
+    nb, out = run_tutorial("05_tiny_world_model.ipynb", 4)
+
+    out = out.resolve()  # as the notebook writes its runs' paths
+    printed = stdout_of(nb, "summaries") + stdout_of(nb, "actions")
+    for name in ("tokenizer", "text2world", "actions"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["steps"] == 4, name
+        assert math.isfinite(summary["first_loss"]) and math.isfinite(summary["final_loss"]), summary
+        assert checkpoint_step(latest_checkpoint(out / name / "checkpoints")) == 4, name
+        assert re.search(rf"^{name}: 4 steps, loss ", printed, re.M), printed
+    tokenizer = json.loads((out / "tokenizer" / "summary.json").read_text())
+    assert tokenizer["final_loss"] < tokenizer["first_loss"], tokenizer
+    # the action model was post-trained from the Text2World run, both over the tutorial's tokenizer
+    for name, init_from in (("text2world", None), ("actions", str(out / "text2world"))):
+        config = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert config["tokenizer"] == str(out / "tokenizer") and config["init_from"] == init_from, name
+
+    # Text2World from a prompt: an MP4 of the requested 9 frames of 32x32, a GIF beside it
+    assert re.search(r"9 frames of 32x32 -> ", stdout_of(nb, "generate")), stdout_of(nb, "generate")
+    frames = decoded_frames(out / "generated" / "red_disc.mp4")
+    assert len(frames) == 9 and all(f.shape == (32, 32, 3) for f in frames), [f.shape for f in frames]
+    assert (out / "generated" / "red_disc.gif").read_bytes().startswith(b"GIF8")
+    refused = stdout_of(nb, "refused")
+    assert refused.startswith("refused: ") and "'kill' (as 'kills')" in refused, refused
+
+    # rollouts: frame 0 is the tokenizer's reconstruction of the given frame; the actions reach the
+    # model (its action MLP trained away from zero) and change the rollout
+    rollout = stdout_of(nb, "rollout")
+    first = re.findall(
+        r"first frame vs the tokenizer's reconstruction of the given frame: max difference (\d+)", rollout
+    )
+    assert len(first) == 2 and all(int(d) <= 1 for d in first), rollout
+    found = re.search(r"action MLP output layer: max \|weight\| (\S+)", rollout)
+    assert found and float(found[1]) > 0, rollout
+    found = re.search(r"true vs other actions: (\d+) of (\d+) pixels differ", rollout)
+    assert found and int(found[1]) > 0 and int(found[2]) == 9 * 32 * 32, rollout
+    assert (out / "rollouts" / "episode0.png").read_bytes().startswith(b"\x89PNG")
+    scores = dict(re.findall(r"^  (\S.*?)\s+(-?\d+\.\d+)$", stdout_of(nb, "psnr"), re.M))
+    assert set(scores) == {
+        "model, true actions",
+        "model, other actions",
+        "copy last frame",
+        "tokenizer (ceiling)",
+    }
+    assert all(math.isfinite(float(v)) for v in scores.values()), scores

@@ -1,9 +1,9 @@
-"""What the diffusion and autoregressive world models share: block-wise parallelization and the
-``train`` entry point around a frozen tokenizer."""
+"""What the diffusion and autoregressive world models share: block-wise parallelization (FSDP2,
+sequence parallelism), the token-split check, and the ``train`` entry point around a frozen tokenizer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,10 +13,25 @@ from cupola.toolkit.config import ConfigError, config_error, to_dict, validate
 from cupola.toolkit.modules.lora import LoRAConfig
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.parallel.mixed_precision import apply_mixed_precision
+from cupola.toolkit.parallel.sequence import SequenceParallel
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig, TrainerConfig
-from cupola.toolkit.training.fit import RunInfo, fit
 
-__all__ = ["parallelize_blocks", "train_world_model"]
+__all__ = ["check_token_split", "parallelize_blocks", "train_world_model"]
+
+
+def check_token_split(sp: SequenceParallel, n_tokens: int, what: str) -> None:
+    """A clear error when ``n_tokens`` (``what``: whose) cannot be split over the sequence-parallel
+    layout ``sp`` (see :attr:`~cupola.toolkit.parallel.sequence.SPLayout.multiple`)."""
+    layout = sp.layout
+    if n_tokens % layout.multiple:
+        zigzag = layout.zigzag and layout.ring > 1
+        raise ValueError(
+            f"{what} has {n_tokens} tokens, which do not split over parallel.sp={layout.size} "
+            f"(sp_ring={layout.ring}{' x 2 zigzag chunks' if zigzag else ''} x sp_ulysses={layout.ulysses}): "
+            f"the count must be a multiple of {layout.multiple}. Choose a clip length or size (data.num_frames, "
+            "data.size) whose latent token grid is, or another parallel.sp / parallel.sp_ulysses"
+            + (" (parallel.sp_zigzag=false halves the ring's multiple)" if zigzag else "")
+        )
 
 
 def parallelize_blocks(
@@ -25,22 +40,34 @@ def parallelize_blocks(
     dims: ParallelDims,
     *,
     what: str,
+    apply_sp: Callable[[SequenceParallel], None],
     units: Sequence[nn.Module] = (),
+    forward_methods: Sequence[str] = (),
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> nn.Module:
-    """AC → compile → FSDP2 per block (and per module in ``units``), the rest in the root unit; on one
-    process, single-process mixed precision instead. ``what`` names the model in errors."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """SP → AC → compile → FSDP2 per block (and per module in ``units``), the rest in the root unit; on
+    one process, single-process mixed precision instead. ``what`` names the model in errors.
+    ``forward_methods``: the model's methods that run its modules before ``forward`` does (FSDP hooks
+    them like ``forward``: its root must run first).
 
-    for name, degree in (("tp", dims.tp), ("ep", dims.ep), ("sp", dims.sp)):
+    With ``parallel.sp > 1``, ``apply_sp`` hands the model this rank's
+    :class:`~cupola.toolkit.parallel.sequence.SequenceParallel`. As for the GPT, FSDP shards over
+    ``dp_shard × sp`` and averages gradients over those ranks (and ``dp_replicate``): the models'
+    losses are arranged so that the average is the whole sequences' gradient.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    for name, degree in (("tp", dims.tp), ("ep", dims.ep)):
         if degree > 1:
             raise ConfigError(
-                f"parallel.{name}={degree} is not supported for {what} yet; use data parallelism "
-                "(parallel.dp_shard / dp_replicate)"
+                f"parallel.{name}={degree} is not supported for {what} yet; set parallel.{name}=1 and use "
+                "data parallelism (parallel.dp_shard / dp_replicate) and/or sequence parallelism (parallel.sp)"
             )
+    if dims.sp_enabled:
+        apply_sp(dims.sequence_parallel())
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -58,6 +85,8 @@ def parallelize_blocks(
     for unit in [*blocks, *units]:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    for method in forward_methods:
+        register_fsdp_forward_method(model, method)
     return model
 
 
@@ -76,6 +105,8 @@ def train_world_model(
 ) -> dict[str, Any]:
     """Validate, build ``module_cls`` and fit it; the run's ``config.yaml`` records ``wfm: kind`` so
     loaders know what they read."""
+    from cupola.toolkit.training.fit import RunInfo, fit
+
     parallel = parallel or ParallelConfig()
     validate(model)
     validate(optim)
@@ -111,6 +142,12 @@ def train_world_model(
         "lora": to_dict(lora) if lora is not None else None,
         "wfm": kind,
     }
-    # throughput counts frames (tokens per clip depend on the tokenizer); no MFU figure
-    info = RunInfo(seq_len=data.num_frames, micro_batch_size=data.micro_batch_size, flops_per_token=0.0)
+    # throughput counts frames (tokens per clip depend on the tokenizer); no MFU figure. The models
+    # check their token counts against the sequence-parallel layout themselves.
+    info = RunInfo(
+        seq_len=data.num_frames,
+        micro_batch_size=data.micro_batch_size,
+        flops_per_token=0.0,
+        sp_splits_seq_len=False,
+    )
     return fit(module, data, trainer, info, run_config=run_config)

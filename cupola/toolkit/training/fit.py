@@ -50,6 +50,9 @@ class RunInfo:
     seq_len: int
     micro_batch_size: int
     flops_per_token: float
+    # whether seq_len counts the tokens sequence parallelism splits (checked against its layout here);
+    # False when it counts something else (world models: frames) and the model checks its own tokens
+    sp_splits_seq_len: bool = True
 
 
 class ProgressBar(TQDMProgressBar):
@@ -157,7 +160,7 @@ def fit(
     dims = module.make_dims()
     dims.world_size = trainer_cfg.world_size
     dims.validate()
-    if dims.sp_enabled and info.seq_len % dims.sp_layout.multiple:
+    if dims.sp_enabled and info.sp_splits_seq_len and info.seq_len % dims.sp_layout.multiple:
         layout = dims.sp_layout
         raise ConfigError(
             f"data.seq_len={info.seq_len} does not split over parallel.sp={dims.sp} (sp_ring={layout.ring}, "

@@ -8,19 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cupola.collections.llm.lightning import IGNORE_INDEX, next_token_loss
 from cupola.collections.world.autoregressive.model import ARConfig, ARWorldModel
-from cupola.collections.world.common import parallelize_blocks
+from cupola.collections.world.common import check_token_split, parallelize_blocks
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.sequence import SequenceParallel
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource
 
-__all__ = ["ARModule", "ar_sources", "load_ar", "parallelize_ar"]
+__all__ = ["ARModule", "apply_sp", "ar_sources", "load_ar", "parallelize_ar"]
 
 
 def parallelize_ar(
@@ -32,20 +33,30 @@ def parallelize_ar(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> ARWorldModel:
-    """FSDP2 per decoder block (and the byte text encoder), embeddings/head in the root unit; see
-    :func:`~cupola.collections.world.common.parallelize_blocks`."""
+    """FSDP2 per decoder block (and the byte text encoder), embeddings/head in the root unit, sequence
+    parallelism with ``parallel.sp > 1``; see :func:`~cupola.collections.world.common.parallelize_blocks`."""
     units = [model.text_encoder] if model.text_encoder is not None else []
     return parallelize_blocks(
         model,
         model.layers,
         dims,
         what="autoregressive world models",
+        apply_sp=lambda sp: apply_sp(model, sp),
         units=units,
+        forward_methods=("encode_text",),  # the byte text encoder runs before the decoder
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
     )
+
+
+def apply_sp(model: ARWorldModel, sp: SequenceParallel) -> None:
+    """Sequence parallelism: every self-attention layer attends over the whole clip through ``sp``
+    while each rank holds its part of the tokens (as ``GPT``'s ``apply_sp``)."""
+    model.sp = sp
+    for layer in model.layers:
+        layer.attention.sp = sp
 
 
 def _run(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -184,9 +195,16 @@ class ARModule(ParallelModule):
         return tok.encode(video_B_3_T_H_W.float())[1]
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Next-token cross-entropy over each clip's tokens. The whole grid goes in, its last token's
+        label ignored, so that under sequence parallelism rows split like the GPT's (each rank its
+        part of ``tokens`` and ``labels``; the mean over the whole rows, see ``next_token_loss``)."""
         idx = self.indices(batch["video"])
         grid = tuple(idx.shape[1:])
         tokens = idx.flatten(1).long()
+        labels = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), IGNORE_INDEX)], dim=1)
+        if self.sp is not None:
+            check_token_split(self.sp, tokens.shape[1], f"a clip's {'x'.join(map(str, grid))} token grid")
+        part = self.shard_sequences({"tokens": tokens, "labels": labels})
         context = context_mask = None
         if self.config.cross_attention:
             prompts = batch.get("prompt")
@@ -196,5 +214,5 @@ class ARModule(ParallelModule):
                 )
             _, t5 = self.helpers()
             context, context_mask = self.model.encode_text(list(prompts), t5)
-        logits = self.model(tokens[:, :-1], grid, context=context, context_mask=context_mask)
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        logits = self.model(part["tokens"], grid, context=context, context_mask=context_mask)
+        return next_token_loss(logits, part["labels"], self.sp)

@@ -11,6 +11,12 @@ whole latent frames is a prefix of the sequence. Positions are 3D RoPE over the 
     x = x + swiglu(norm(x))
 
 and ``output(norm(x))`` gives logits over the ``vocab_size`` FSQ codes.
+
+Sequence parallelism (training; ``ARWorldModel.sp``, set by ``parallelize_ar``) works as for the GPT:
+each rank holds its share of every clip's tokens (:meth:`SequenceParallel.shard
+<cupola.toolkit.parallel.sequence.SequenceParallel.shard>`), with its rows of the grid's 3D RoPE
+table, and the causal self-attention sees the whole clip through :meth:`SequenceParallel.attention`;
+cross-attention reads the whole text locally. KV-cached decoding runs on one rank.
 """
 
 from __future__ import annotations
@@ -202,6 +208,10 @@ class ARWorldModel(nn.Module):
     logits at ``i`` predict token ``start + i + 1``. ``context_B_L_D``/``context_mask_B_L``: text
     embeddings (:meth:`encode_text`), required with ``cross_attention``. ``kv_cache``
     (:meth:`new_kv_cache`): the tokens continue the cached ones (``start`` defaults to its length).
+
+    Under sequence parallelism (``self.sp``) and without a KV cache, ``tokens_B_N`` is this rank's
+    part (``SequenceParallel.shard``) of the grid's tokens ``start .. start + N * sp - 1`` and the
+    logits are its part too; ``N * sp`` must be a multiple of the layout's (``SPLayout.multiple``).
     """
 
     def __init__(self, cfg: ARConfig) -> None:
@@ -213,6 +223,7 @@ class ARWorldModel(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         use_bytes = cfg.cross_attention and cfg.text.kind == "bytes"
         self.text_encoder = ByteTextEncoder(cfg.text) if use_bytes else None
+        self.sp = None  # a SequenceParallel once parallelize_ar applies sequence parallelism
 
     def init_weights(self) -> None:
         """N(0, init_std) weights; ``wo``/``w2`` (writing into the residual) scaled by 1/sqrt(2 n_layers)."""
@@ -270,7 +281,8 @@ class ARWorldModel(nn.Module):
     ) -> torch.Tensor:
         T, H, W = grid = tuple(int(g) for g in grid)
         self.check_grid(grid)
-        N = tokens_B_N.shape[1]
+        sp = self.sp if kv_cache is None else None
+        N = tokens_B_N.shape[1] * (sp.layout.size if sp is not None else 1)  # the whole sequences' length
         if kv_cache is not None:
             if start is not None and start != kv_cache.length:
                 raise ValueError(f"start={start} but the KV cache holds {kv_cache.length} tokens")
@@ -285,6 +297,9 @@ class ARWorldModel(nn.Module):
             )
         x = self.tok_embeddings(tokens_B_N)
         rope = self.rope(grid, start, N, x.device)
+        if sp is not None:  # this rank's rows of the whole sequences' table
+            mine = sp.positions(N, x.device)
+            rope = tuple(t.index_select(0, mine) for t in rope)
         if context is not None:
             context = context.to(x.dtype)
         for layer in self.layers:

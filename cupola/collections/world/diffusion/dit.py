@@ -15,6 +15,14 @@ output projection start at zero, so a fresh model is the identity on its skip pa
 
 The noise embedding is **per latent frame** (``emb_B_F_D``): Video2World's conditioning frames carry
 their own (small) noise level, and action conditioning adds each frame's action embedding to it.
+
+**Sequence parallelism** (:attr:`DiT.sp`, set by ``parallelize_wfm``): each rank embeds and runs the
+blocks on its share of the ``F * S`` tokens (:meth:`SequenceParallel.shard
+<cupola.toolkit.parallel.sequence.SequenceParallel.shard>`, zigzag for the ring), self-attention
+attends over all of them through :meth:`SequenceParallel.attention` (bidirectional), cross-attention
+reads the whole (replicated) text locally, the RoPE and absolute-position tables of the whole grid
+are sharded the same way, and each token takes its own frame's modulation. The output is gathered
+back (differentiably) before unpatchifying, so callers see the whole prediction.
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from cupola.collections.world.common import check_token_split
 from cupola.collections.world.text import TextEncoderConfig
 from cupola.toolkit.config import config_error
 from cupola.toolkit.modules.norms import RMSNorm
 from cupola.toolkit.modules.rope import apply_rope, rope3d_cos_sin, rope3d_dims
+from cupola.toolkit.parallel.sequence import SequenceParallel
 
 __all__ = ["DIT_FLAVORS", "DiT", "DiTConfig", "dit_config"]
 
@@ -141,8 +152,30 @@ class AdaLNLoRA(nn.Module):
         return out.unflatten(-1, (self.k, -1))
 
 
-def _modulate(x_B_F_S_D: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x_B_F_S_D * (1 + scale[:, :, None]) + shift[:, :, None]
+def _per_token(mod_B_F_K_D: torch.Tensor, token_frames: torch.Tensor | None) -> torch.Tensor:
+    """Modulation by group of tokens ``[B, G, K, dim]``: per frame (``G = F``, whole time-major
+    sequences) or, under sequence parallelism, per token (``G = N``, ``token_frames``: each local
+    token's frame)."""
+    return mod_B_F_K_D if token_frames is None else mod_B_F_K_D.index_select(1, token_frames)
+
+
+def _modulate(x_B_N_D: torch.Tensor, shift_B_G_D: torch.Tensor, scale_B_G_D: torch.Tensor) -> torch.Tensor:
+    """``x (1 + scale) + shift``, group ``g`` of the ``G`` equal runs of tokens taking ``shift[:, g]``."""
+    x = x_B_N_D.unflatten(1, (shift_B_G_D.shape[1], -1))
+    return (x * (1 + scale_B_G_D[:, :, None]) + shift_B_G_D[:, :, None]).flatten(1, 2)
+
+
+def _gate(x_B_N_D: torch.Tensor, gate_B_G_D: torch.Tensor) -> torch.Tensor:
+    return (x_B_N_D.unflatten(1, (gate_B_G_D.shape[1], -1)) * gate_B_G_D[:, :, None]).flatten(1, 2)
+
+
+def _gather_tokens(x_B_N_D: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """Whole sequences ``[B, N * sp, D]`` from every SP rank's part, in order; differentiable (the
+    backward sums the ranks' gradients and keeps this rank's part, the all-gather's adjoint)."""
+    n = x_B_N_D.shape[1] * sp.layout.size
+    parts = funcol.wait_tensor(funcol.all_gather_single_autograd(x_B_N_D.contiguous(), 1, sp.sp_group))
+    order = torch.cat([sp.layout.indices(n, r) for r in range(sp.layout.size)]).to(x_B_N_D.device)
+    return parts.index_select(1, torch.argsort(order))
 
 
 class DiTAttention(nn.Module):
@@ -158,6 +191,9 @@ class DiTAttention(nn.Module):
         self.wo = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        # self-attention under sequence parallelism (set by parallelize_wfm): a SequenceParallel whose
+        # attention sees every token while this rank holds its share; None for local attention
+        self.sp = None
 
     def forward(
         self,
@@ -174,9 +210,11 @@ class DiTAttention(nn.Module):
         v = self.wv(kv).view(B, kv.shape[1], -1, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.sp is not None:
+            out = self.sp.attention(q, k, v, causal=False)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -199,23 +237,24 @@ class DiTBlock(nn.Module):
 
     def forward(
         self,
-        x_B_F_S_D: torch.Tensor,
+        x_B_N_D: torch.Tensor,
         emb_B_F_D: torch.Tensor,
         shared_B_F_3D: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context: torch.Tensor,
         context_mask: torch.Tensor,
+        token_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, Fr, S, D = x_B_F_S_D.shape
-        x = x_B_F_S_D
+        """``x_B_N_D``: whole time-major sequences (``N = F * S``), or under sequence parallelism this
+        rank's tokens with ``token_frames`` (each one's latent frame)."""
+        x = x_B_N_D
         for norm, mod, run in (
             (self.norm1, self.mod_self, lambda h: self.self_attn(h, rope=rope)),
             (self.norm2, self.mod_cross, lambda h: self.cross_attn(h, context, mask=context_mask)),
             (self.norm3, self.mod_mlp, self.mlp),
         ):
-            shift, scale, gate = mod(emb_B_F_D, shared_B_F_3D).unbind(-2)
-            h = _modulate(norm(x), shift, scale).reshape(B, Fr * S, D)
-            x = x + gate[:, :, None] * run(h).view(B, Fr, S, D)
+            shift, scale, gate = _per_token(mod(emb_B_F_D, shared_B_F_3D), token_frames).unbind(-2)
+            x = x + _gate(run(_modulate(norm(x), shift, scale)), gate)
         return x
 
 
@@ -225,6 +264,10 @@ class DiT(nn.Module):
     ``x`` holds the latents (already scaled by ``c_in``) followed by the conditioning channels
     (mask, Plücker); ``c_noise_B_T`` is per latent frame; ``context_B_L_Dtext`` with
     ``context_mask_B_L`` (True = a real token). The output has ``latent_channels`` channels.
+
+    Under sequence parallelism (``self.sp``, set by ``parallelize_wfm``) every rank takes the whole
+    inputs and returns the whole output, but runs the blocks on its share of the tokens only; the
+    token count ``F * S`` must be a multiple of the layout's (:attr:`SPLayout.multiple`).
     """
 
     def __init__(self, cfg: DiTConfig) -> None:
@@ -251,6 +294,7 @@ class DiT(nn.Module):
         self.final_mod = AdaLNLoRA(d, cfg.adaln_lora_dim, 2)
         self.final_shared = nn.Linear(d, 2 * d, bias=False)
         self.out = nn.Linear(d, cfg.latent_channels * pt * ph * pw, bias=False)
+        self.sp = None  # a SequenceParallel once parallelize_wfm applies sequence parallelism
 
     def init_weights(self) -> None:
         std = 0.02
@@ -287,11 +331,12 @@ class DiT(nn.Module):
         x = x_B_C_T_H_W.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
         return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, T // pt, (H // ph) * (W // pw), C * pt * ph * pw)
 
-    def unpatchify(self, x_B_F_S_P: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:
-        B = x_B_F_S_P.shape[0]
+    def unpatchify(self, x_B_N_P: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:
+        """The inverse of :meth:`patchify` for output patches ``[B, N, P]`` (``N = F * S`` time-major)."""
+        B = x_B_N_P.shape[0]
         pt, ph, pw = self.cfg.patch
         C = self.cfg.latent_channels
-        x = x_B_F_S_P.reshape(B, T // pt, H // ph, W // pw, C, pt, ph, pw)
+        x = x_B_N_P.reshape(B, T // pt, H // ph, W // pw, C, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(B, C, T, H, W)
 
     def absolute_positions(self, frames: int, rows: int, cols: int) -> torch.Tensor:
@@ -335,21 +380,12 @@ class DiT(nn.Module):
                 f"DiT input has {C} channels, expected {cfg.in_channels} (latents + conditioning)"
             )
         pt, ph, pw = cfg.patch
-        x = self.patch_embed(self.patchify(x_B_C_T_H_W))  # [B, F, S, D]
-        Fr = T // pt
-        if self.pos_embed is not None:
-            x = x + self.absolute_positions(Fr, H // ph, W // pw).to(x.dtype)
-        c_noise = c_noise_B_T[:, ::pt]  # a temporal patch takes its first frame's level
-        emb = self.t_embed(timestep_embedding(c_noise, self.t_freq).to(x.dtype))
-        if self.action_embed is not None:
-            if actions is None:
-                raise ValueError("this model is action-conditioned: pass actions=[B, N, action_dim]")
-            emb = emb + self.embed_actions(actions.to(x.dtype), T)[:, ::pt]
-        shared = self.shared_mod(F.silu(emb))
+        Fr, rows, cols = T // pt, H // ph, W // pw
+        x = self.patchify(x_B_C_T_H_W).flatten(1, 2)  # [B, N, C * pt * ph * pw], N = F * S time-major
         rope = rope3d_cos_sin(
             Fr,
-            H // ph,
-            W // pw,
+            rows,
+            cols,
             cfg.head_dim,
             theta=cfg.rope_theta,
             fps=fps,
@@ -357,9 +393,33 @@ class DiT(nn.Module):
             extrapolation=cfg.rope_extrapolation,
             device=x.device,
         )
+        positions = (
+            self.absolute_positions(Fr, rows, cols).flatten(0, 1) if self.pos_embed is not None else None
+        )
+        token_frames = None
+        if self.sp is not None:  # this rank's tokens, their frames, and their rows of the tables
+            check_token_split(self.sp, Fr * rows * cols, f"the DiT's {Fr}x{rows}x{cols} patch grid")
+            mine = self.sp.positions(Fr * rows * cols, x.device)
+            x = x.index_select(1, mine)
+            rope = tuple(t.index_select(-2, mine) for t in rope)
+            positions = None if positions is None else positions.index_select(0, mine)
+            token_frames = mine // (rows * cols)
+        x = self.patch_embed(x)
+        if positions is not None:
+            x = x + positions.to(x.dtype)
+        c_noise = c_noise_B_T[:, ::pt]  # a temporal patch takes its first frame's level
+        emb = self.t_embed(timestep_embedding(c_noise, self.t_freq).to(x.dtype))
+        if self.action_embed is not None:
+            if actions is None:
+                raise ValueError("this model is action-conditioned: pass actions=[B, N, action_dim]")
+            emb = emb + self.embed_actions(actions.to(x.dtype), T)[:, ::pt]
+        shared = self.shared_mod(F.silu(emb))
         mask = context_mask[:, None, None, :].to(torch.bool)
         for block in self.blocks:
-            x = block(x, emb, shared, rope, context.to(x.dtype), mask)
-        shift, scale = self.final_mod(emb, self.final_shared(F.silu(emb))).unbind(-2)
+            x = block(x, emb, shared, rope, context.to(x.dtype), mask, token_frames)
+        final = self.final_mod(emb, self.final_shared(F.silu(emb)))
+        shift, scale = _per_token(final, token_frames).unbind(-2)
         x = self.out(_modulate(self.final_norm(x), shift, scale))
+        if self.sp is not None:
+            x = _gather_tokens(x, self.sp)
         return self.unpatchify(x, T, H, W)

@@ -10,16 +10,18 @@ import torch
 from torch import nn
 
 from cupola.collections.world.common import parallelize_blocks
+from cupola.collections.world.diffusion.dit import DiT
 from cupola.collections.world.diffusion.model import Conditioning, DiffusionWFM, WFMConfig
 from cupola.toolkit.config import ConfigError
 from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
+from cupola.toolkit.parallel.sequence import SequenceParallel
 from cupola.toolkit.training.callbacks import global_mean
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource, TensorSource
 
-__all__ = ["DiffusionModule", "camera_rays", "parallelize_wfm", "wfm_sources"]
+__all__ = ["DiffusionModule", "apply_sp", "camera_rays", "parallelize_wfm", "wfm_sources"]
 
 
 def parallelize_wfm(
@@ -31,19 +33,31 @@ def parallelize_wfm(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> DiffusionWFM:
-    """FSDP2 per DiT block (and the byte text encoder); see :func:`~cupola.collections.world.common.parallelize_blocks`."""
-    units = [model.text_encoder] if model.text_encoder is not None else []
+    """FSDP2 per DiT block, the DiT's own weights (its unit: training calls ``training_loss``, not the
+    root's ``forward``) and the byte text encoder; sequence parallelism over the DiT's tokens with
+    ``parallel.sp > 1`` (see :mod:`~cupola.collections.world.diffusion.dit`). See
+    :func:`~cupola.collections.world.common.parallelize_blocks`."""
+    units = [model.dit, *([model.text_encoder] if model.text_encoder is not None else [])]
     return parallelize_blocks(
         model,
         model.dit.blocks,
         dims,
         what="diffusion world models",
+        apply_sp=lambda sp: apply_sp(model.dit, sp),
         units=units,
         param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
     )
+
+
+def apply_sp(dit: DiT, sp: SequenceParallel) -> None:
+    """Sequence parallelism: each rank runs the DiT's blocks on its share of the tokens, self-attention
+    over all of them through ``sp``."""
+    dit.sp = sp
+    for block in dit.blocks:
+        block.self_attn.sp = sp
 
 
 def wfm_sources(init_from: str, cfg: WFMConfig) -> dict[str, SliceSource]:
@@ -168,9 +182,10 @@ class DiffusionModule(ParallelModule):
 
     # training ---------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
-        # a function of (seed, step, rank, train/val): resumed runs draw the same noise
+        # a function of (seed, step, data-parallel rank, train/val): resumed runs draw the same noise, and
+        # the sequence-parallel ranks of one replica (each holding part of the same clips) draw alike
         g = torch.Generator(device=self.device)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.dims.dp_coordinate(self.trainer.global_rank) if self._trainer is not None else 0
         g.manual_seed(hash((self.seed, int(self.global_step), rank, self.training)) % (2**63))
         return g
 
