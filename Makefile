@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/cupola demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15 tests
 
 lint: setup
 	$(BIN)/ruff check cupola tests benchmarks
