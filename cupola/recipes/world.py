@@ -355,7 +355,7 @@ def _clips_with(frames: int, size: int) -> run.Config:
 
 @recipe
 def cosmos_dit_7b_text2world_pretrain(output_dir: str = "runs/cosmos_dit_7b_text2world") -> run.Partial:
-    """Cosmos-1.0-Diffusion-7B-style Text2World (28 blocks, 4096 wide, 32 heads; T5-XXL text from
+    """Cosmos-1.0-Diffusion-7B-style Text2World (28 blocks, 4096 wide, 32 heads; T5-11B text from
     ``model.dit.text.path``) on 121-frame 704x1280 clips through the CV4x8x8 tokenizer, 8 GPUs bf16,
     FSDP2 with activation checkpointing."""
     return _wfm_run(

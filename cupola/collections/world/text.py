@@ -4,8 +4,8 @@ Two kinds, chosen by :class:`TextEncoderConfig.kind`:
 
 - ``"bytes"`` (the default): a small byte-level transformer, part of the model and trained with
   it — no tokenizer file and no download, enough for the prompts of the generated datasets.
-- ``"t5"``: a frozen Hugging Face T5 encoder read from a local folder (``path``; Cosmos uses
-  T5-XXL's encoder, 4096 wide), via transformers. It stays outside the trained model: its
+- ``"t5"``: a frozen Hugging Face T5 encoder read from a local folder (``path``; Cosmos-1.0 uses
+  T5-11B's encoder, 1024 wide), via transformers. It stays outside the trained model: its
   embeddings are computed under ``no_grad`` and never enter checkpoints.
 
 Both return ``(context_B_L_D, mask_B_L)`` with at least one valid position per prompt (a BOS
@@ -42,7 +42,7 @@ _BOS, _PAD = 256, 257  # byte values are 0..255
 class TextEncoderConfig:
     """``kind="bytes"``: a ``n_layers``-deep, ``dim``-wide byte transformer over at most
     ``max_length`` bytes (longer prompts are an error, not silently cut). ``kind="t5"``: the T5
-    encoder in the local folder ``path``; ``dim`` must equal its ``d_model`` (4096 for T5-XXL),
+    encoder in the local folder ``path``; ``dim`` must equal its ``d_model`` (1024 for T5-11B, 4096 for T5 v1.1 XXL),
     prompts are cut at ``max_length`` T5 tokens (Cosmos: 512)."""
 
     kind: str = "bytes"

@@ -77,16 +77,37 @@ def test_guidance_one_is_the_conditional_model_and_zero_the_unconditional():
 
 
 def test_flavor_sizes_on_the_meta_device():
-    counts = {}
-    for name, dim, layers in (("cosmos_dit_7b", 4096, 28), ("cosmos_dit_14b", 5120, 36)):
+    from diffusers.models.transformers.transformer_cosmos import CosmosTransformer3DModel
+
+    for name, dim, layers, heads, rope in (
+        ("cosmos_dit_7b", 4096, 28, 32, (2.0, 1.0, 1.0)),
+        ("cosmos_dit_14b", 5120, 36, 40, (2.0, 2.0, 2.0)),
+    ):
         cfg = dit_config(name)
-        assert (cfg.dim, cfg.n_layers, cfg.n_heads) == (dim, layers, 32 if dim == 4096 else 40)
+        assert (cfg.dim, cfg.n_layers, cfg.n_heads) == (dim, layers, heads)
+        assert cfg.text.dim == 1024  # Cosmos-1.0 reads T5-11B's encoder
         with torch.device("meta"):
             model = DiffusionWFM(WFMConfig(dit=cfg))
-        counts[name] = sum(p.numel() for p in model.parameters())
+            # Cosmos-1.0's transformer of the same shape (diffusers' configs for the released models)
+            peer = CosmosTransformer3DModel(
+                in_channels=16,
+                out_channels=16,
+                num_attention_heads=heads,
+                attention_head_dim=128,
+                num_layers=layers,
+                text_embed_dim=1024,
+                adaln_lora_dim=256,
+                max_size=(128, 240, 240),
+                rope_scale=rope,
+                concat_padding_mask=True,
+                extra_pos_embed_type="learnable",
+            )
+        ours, theirs = (sum(p.numel() for p in m.parameters()) for m in (model, peer))
         assert model.text_encoder is None  # T5 stays outside the model
-    assert 7.0e9 < counts["cosmos_dit_7b"] < 8.5e9
-    assert 13.5e9 < counts["cosmos_dit_14b"] < 16e9
+        # the blocks are the same; cupola's final layer keeps its own shared AdaLN term (2 dim^2)
+        assert abs(ours - 2 * dim * dim - theirs) / theirs < 2e-3, (name, ours, theirs)
+        # the flavor's own target: 121 frames at 704 x 1280 through an 8x8x8 tokenizer fits its tables
+        model.dit.absolute_positions(16, 44, 80)
 
 
 def _wfm(seed: int = 0, dtype=torch.float64, **dit) -> DiffusionWFM:

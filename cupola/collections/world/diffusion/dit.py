@@ -102,22 +102,30 @@ class DiTConfig:
         self.text.validate()
 
 
+_T5_11B = TextEncoderConfig(kind="t5", dim=1024, max_length=512, path="checkpoints/t5-11b")
+
 DIT_FLAVORS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(latent_channels=4, dim=128, n_layers=4, n_heads=4, adaln_lora_dim=32),
-    # Cosmos-1.0-Diffusion-7B/14B: T5-XXL text (4096 wide), AdaLN-LoRA rank 256
+    # Cosmos-1.0-Diffusion-7B/14B (as in diffusers' CosmosTransformer3DModel configs): text from T5-11B's
+    # encoder (the original T5 "XXL", 1024 wide), AdaLN-LoRA rank 256, absolute positions for up to
+    # 128 x 240 x 240 latents (704 x 1280 at 8x is 88 x 160), RoPE NTK stretch (t, h, w) 2,1,1 / 2,2,2
     "cosmos_dit_7b": DiTConfig(
         dim=4096,
         n_layers=28,
         n_heads=32,
         adaln_lora_dim=256,
-        text=TextEncoderConfig(kind="t5", dim=4096, max_length=512, path="checkpoints/t5-v1_1-xxl"),
+        rope_extrapolation=(2.0, 1.0, 1.0),
+        abs_pos_grid=(128, 120, 120),
+        text=_T5_11B,
     ),
     "cosmos_dit_14b": DiTConfig(
         dim=5120,
         n_layers=36,
         n_heads=40,
         adaln_lora_dim=256,
-        text=TextEncoderConfig(kind="t5", dim=4096, max_length=512, path="checkpoints/t5-v1_1-xxl"),
+        rope_extrapolation=(2.0, 2.0, 2.0),
+        abs_pos_grid=(128, 120, 120),
+        text=_T5_11B,
     ),
 }
 
