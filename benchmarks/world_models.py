@@ -485,16 +485,19 @@ def ar_full_size_params(args) -> dict:
 
 
 @torch.no_grad()
-def bench_ar_model(kind: str, model, cfg: ARConfig, grid, args, dev: torch.device, tokens_out: dict) -> dict:
+def bench_ar_model(
+    kind: str, model, cfg: ARConfig, grid, args, dev: torch.device, tokens_out: dict, decode: str = "auto"
+) -> dict:
+    """``decode``: cupola's decoding mode (``sample.DECODE_MODES``; auto = a CUDA graph on CUDA)."""
     P, N = args.ar_prompt, args.ar_new
     rows = {}
     for B in args.ar_batches:
         prefix = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(B)).to(dev)
 
         def run(n: int, prefix=prefix, B=B):
-            if kind == "cupola":
+            if kind.startswith("cupola"):
                 temperature = 1.0 if args.ar_sample else 0.0
-                out = generate(model, prefix, grid, n, temperature=temperature)
+                out = generate(model, prefix, grid, n, temperature=temperature, decode=decode)
             else:
                 sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
                 out = model.generate(
@@ -509,7 +512,7 @@ def bench_ar_model(kind: str, model, cfg: ARConfig, grid, args, dev: torch.devic
             tokens_out[f"{kind}_b{B}"] = list(out.shape)
 
         def prefill(prefix=prefix):
-            if kind == "cupola":
+            if kind.startswith("cupola"):
                 return model(prefix, grid, kv_cache=model.new_kv_cache(P + N))[:, -1]
             # generate's own prefill computes the last position's logits only (cupola's: all of them)
             return model(prefix, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -561,7 +564,12 @@ def bench_ar(args, dev: torch.device) -> dict:
     log(f"AR cupola: building {cfg.n_layers} layers")
     model = build_ar(cfg, dev)
     res["params"] = {"cupola": n_params(model)}
+    res["config"]["cupola_decode"] = "CUDA graph of a static-shape step" if dev.type == "cuda" else "eager"
     res["results"]["cupola"] = bench_ar_model("cupola", model, cfg, grid, args, dev, tokens_out)
+    if dev.type == "cuda":  # the eager path too: what the graph buys
+        res["results"]["cupola_eager"] = bench_ar_model(
+            "cupola_eager", model, cfg, grid, args, dev, tokens_out, decode="eager"
+        )
     del model
     _free()
     try:
@@ -682,6 +690,12 @@ def ar_table(res: dict) -> str:
             f"| {_ratio(res['ratio_peer_over_cupola'].get(k))} | {_fmt(o, 'prefill_ms', ',.1f')} | {_fmt(p, 'prefill_ms', ',.1f')} "
             f"| {_fmt(o, 'decode_ms_per_step', '.2f')} | {_fmt(p, 'decode_ms_per_step', '.2f')} "
             f"| {_fmt(o, 'peak_gib', '.1f')} | {_fmt(p, 'peak_gib', '.1f')} |"
+        )
+    if "cupola_eager" in res["results"]:
+        eager = res["results"]["cupola_eager"]
+        rows.append(
+            "\ncupola without the CUDA graph (eager decode steps): "
+            + ", ".join(f"{k}: {_fmt(v, 'new_tokens_per_s', ',.1f')} tok/s" for k, v in eager.items())
         )
     full = res["params_full_depth"]
     tail = (

@@ -85,6 +85,53 @@ class KVCache:
         )
 
 
+class StaticKVCache(KVCache):
+    """A :class:`KVCache` whose one-token decode steps have static shapes, for CUDA-graph capture.
+
+    A multi-token call (the prefill) works as in :class:`KVCache`. A one-token call writes its key and
+    value at :attr:`position` — a device tensor, not a Python int — and attends over the whole
+    ``max_len`` buffer with the keys after it masked, so every decode step runs the same kernels on
+    the same buffers: capture one step in a graph and replay it, calling :meth:`step` (inside the
+    graph) to move on. ``length`` (Python) is kept for the prefill and for bookkeeping only.
+    """
+
+    def __init__(self, n_layers: int, max_len: int, device: torch.device | str) -> None:
+        super().__init__(n_layers, max_len)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self._keys = torch.arange(max_len, device=device)
+
+    def advance(self, n: int) -> None:
+        super().advance(n)
+        self.position.fill_(self.length)
+
+    def step(self) -> None:
+        """The device-side advance of one decode step (captured with it)."""
+        self.position.add_(1)
+
+    def attend(
+        self,
+        layer: int,
+        q_B_H_T_D: torch.Tensor,
+        k_B_H_T_D: torch.Tensor,
+        v_B_H_T_D: torch.Tensor,
+        *,
+        causal: bool = True,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if q_B_H_T_D.shape[2] != 1 or mask is not None or self.k[layer] is None:
+            return super().attend(layer, q_B_H_T_D, k_B_H_T_D, v_B_H_T_D, causal=causal, mask=mask)
+        self.k[layer].index_copy_(2, self.position, k_B_H_T_D)
+        self.v[layer].index_copy_(2, self.position, v_B_H_T_D)
+        visible = (self._keys <= self.position)[None, None, None, :]  # a query sees itself and the past
+        return F.scaled_dot_product_attention(
+            q_B_H_T_D,
+            self.k[layer],
+            self.v[layer],
+            attn_mask=visible,
+            enable_gqa=q_B_H_T_D.shape[1] != k_B_H_T_D.shape[1],
+        )
+
+
 def document_causal_mask(document_ids_B_T: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T, T]`` for packed sequences: token i attends to j when
     ``j <= i`` and both belong to the same document (``document_ids`` equal; padding, any id such

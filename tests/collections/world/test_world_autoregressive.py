@@ -13,6 +13,7 @@ import torch
 
 from cupola.collections.world.autoregressive import ARWorldModel, ar_config, continue_video, generate
 from cupola.collections.world.text import TextEncoderConfig
+from cupola.toolkit.modules.attention import StaticKVCache
 from cupola.toolkit.testing import spawn
 
 GRID = (3, 4, 4)
@@ -91,6 +92,31 @@ def test_greedy_top_k_1_and_seeds():
     assert d.min() >= 0 and d.max() < 125
     # top_p keeps only the most likely token when its mass alone reaches top_p
     assert torch.equal(greedy, generate(model, prefix, GRID, 32, temperature=1e-4, top_p=0.1, seed=5))
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_static_decode_steps_give_the_eager_tokens_and_logits(cross):
+    # the fixed-shape step a CUDA graph captures (a device-side position, the whole cache masked)
+    model = _model(cross)
+    extra = dict(zip(("context", "context_mask"), _context(model), strict=True)) if cross else {}
+    prefix = _tokens(n=16)
+    eager = generate(model, prefix, GRID, 32, temperature=1.0, seed=4, decode="eager", **extra)
+    assert torch.equal(
+        eager, generate(model, prefix, GRID, 32, temperature=1.0, seed=4, decode="static", **extra)
+    )
+    # step by step: each static step's logits are the full forward's at that position
+    cache = StaticKVCache(model.cfg.n_layers, 48, "cpu")
+    table = model.rope(GRID, 0, 48, "cpu")
+    model(eager[:, :16], GRID, kv_cache=cache, **extra)
+    full = model(eager, GRID, **extra)
+    for i in range(16, 47):
+        logits = model.decode_step(eager[:, i : i + 1], cache, table, **extra)
+        torch.testing.assert_close(logits, full[:, i], rtol=0, atol=1e-10)
+    assert int(cache.position) == 47
+    with pytest.raises(ValueError, match="CUDA"):
+        generate(model, prefix, GRID, 4, decode="graph", **extra)
+    with pytest.raises(ValueError, match="decode="):
+        generate(model, prefix, GRID, 4, decode="fast", **extra)
 
 
 def test_the_4b_flavor_has_4b_parameters():

@@ -31,7 +31,7 @@ from torch import nn
 
 from cupola.collections.world.text import ByteTextEncoder, TextEncoderConfig
 from cupola.toolkit.config import ConfigError, config_error, suggest
-from cupola.toolkit.modules.attention import Attention, KVCache
+from cupola.toolkit.modules.attention import Attention, KVCache, StaticKVCache
 from cupola.toolkit.modules.mlp import SwiGLU
 from cupola.toolkit.modules.norms import RMSNorm
 from cupola.toolkit.modules.rope import rope3d_cos_sin, rope3d_dims
@@ -239,6 +239,27 @@ class ARWorldModel(nn.Module):
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, max_len or self.cfg.max_tokens)
+
+    def decode_step(
+        self,
+        token_B_1: torch.Tensor,
+        cache: StaticKVCache,
+        rope_table: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, V]`` after one token at ``cache.position`` (a device tensor), then the cache
+        steps on. Static shapes and no host reads, so a CUDA graph can capture it (see
+        :func:`~cupola.collections.world.autoregressive.sample.generate`). ``rope_table``: the whole
+        grid's ``rope(grid, 0, T * H * W)``. The cache's Python ``length`` stays at the prefill's."""
+        x = self.tok_embeddings(token_B_1)
+        rope = tuple(t.index_select(0, cache.position) for t in rope_table)
+        if context is not None:
+            context = context.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, context, context_mask, cache)
+        cache.step()
+        return self.output(self.norm(x))[:, -1]
 
     def encode_text(self, prompts: list[str], external=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context_B_L_D, mask_B_L)`` from the model's byte encoder, or ``external`` (a T5TextEncoder)."""

@@ -8,8 +8,14 @@ from collections.abc import Callable
 import torch
 
 from cupola.collections.world.autoregressive.model import ARWorldModel
+from cupola.toolkit.modules.attention import StaticKVCache
 
-__all__ = ["continue_video", "generate", "sample_next"]
+__all__ = ["DECODE_MODES", "continue_video", "generate", "sample_next"]
+
+# eager: a growing KV cache, one forward per token; static: a fixed-shape cache and decode step;
+# graph: that step captured once in a CUDA graph and replayed per token (no per-kernel launch cost);
+# auto: graph on CUDA, eager elsewhere
+DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 def sample_next(
@@ -60,10 +66,12 @@ def generate(
     seed: int | None = None,
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
+    decode: str = "auto",
 ) -> torch.Tensor:
     """``[B, P + num_new_tokens]``: the prefix (the grid's first ``P >= 1`` tokens) and the sampled
-    continuation. One prefill over the prefix, then one token per forward through the KV cache.
-    ``seed`` (or a ``generator`` on the model's device) makes sampling reproducible."""
+    continuation. One prefill over the prefix, then one token per step through the KV cache, as
+    ``decode`` says (:data:`DECODE_MODES`; all give the same tokens). ``seed`` (or a ``generator``
+    on the model's device) makes sampling reproducible."""
     B, P = prefix_tokens_B_P.shape
     T, H, W = grid
     if P < 1:
@@ -73,22 +81,74 @@ def generate(
             f"{P} + {num_new_tokens} tokens do not fit the {T}x{H}x{W} grid ({T * H * W} tokens)"
         )
     device = prefix_tokens_B_P.device
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: choose one of {DECODE_MODES}")
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "eager"
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError("decode='graph' captures a CUDA graph: the model must be on a CUDA device")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.empty(B, P + num_new_tokens, dtype=torch.long, device=device)
     tokens[:, :P] = prefix_tokens_B_P
     if num_new_tokens == 0:
         return tokens
-    cache = model.new_kv_cache(P + num_new_tokens)
     extra = {"context": context, "context_mask": context_mask}
-    logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]
+    if decode == "eager":
+        cache = model.new_kv_cache(P + num_new_tokens)
+
+        def step(token_B_1: torch.Tensor) -> torch.Tensor:
+            return model(token_B_1, grid, kv_cache=cache, **extra)[:, -1]
+
+    else:
+        cache = StaticKVCache(model.cfg.n_layers, P + num_new_tokens, device)
+        table = model.rope(grid, 0, T * H * W, device)
+        token = torch.zeros(B, 1, dtype=torch.long, device=device)  # the step's input, overwritten
+
+        def static_step() -> torch.Tensor:
+            return model.decode_step(token, cache, table, **extra)
+
+        replay = static_step
+        if decode == "graph":
+            logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]  # prefill first
+            replay = _captured(static_step, cache)
+
+        def step(token_B_1: torch.Tensor) -> torch.Tensor:
+            token.copy_(token_B_1)
+            return replay()
+
+    if decode != "graph":
+        logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]
     for i in range(P, P + num_new_tokens):
         tokens[:, i] = sample_next(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
         if i + 1 < P + num_new_tokens:
-            logits = model(tokens[:, i : i + 1], grid, kv_cache=cache, **extra)[:, -1]
+            logits = step(tokens[:, i : i + 1])
     return tokens
+
+
+def _captured(step: Callable[[], torch.Tensor], cache: StaticKVCache) -> Callable[[], torch.Tensor]:
+    """``step`` captured in a CUDA graph: each call replays it and returns its (reused) output. Two
+    warm-up runs on a side stream first (they write the next slot, which the real step rewrites
+    before reading, and the position is put back)."""
+    start = cache.position.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+            cache.position.copy_(start)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 @torch.no_grad()
@@ -105,6 +165,7 @@ def continue_video(
     top_p: float | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    decode: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue the clip ``video_B_3_T_H_W`` (in [-1, 1]) to ``num_frames`` frames; returns
     ``(video_B_3_num_frames_H_W, indices_B_t_h_w)``.
@@ -113,7 +174,7 @@ def continue_video(
     later ``temporal_compression`` frames into one more, so the given clip must have ``1 + k * t``
     frames and ``num_frames`` must be ``1 + m * t`` with ``m >= k``; the given latent frames are kept
     token for token and the model samples the rest. ``prompts`` (and ``text_encoder`` for a T5 model)
-    for a model with cross-attention.
+    for a model with cross-attention. ``decode``: see :func:`generate`.
     """
     t = tokenizer.cfg.temporal_compression
     T_in = video_B_3_T_H_W.shape[2]
@@ -144,6 +205,7 @@ def continue_video(
         generator=generator,
         context=context,
         context_mask=context_mask,
+        decode=decode,
     )
     indices = tokens.view(B, *grid)
     return tokenizer.decode_indices(indices), indices
