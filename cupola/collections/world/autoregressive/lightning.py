@@ -3,7 +3,6 @@ tokenizer gives each clip (pretraining, or post-training a run with ``init_from`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,11 @@ from torch import nn
 from cupola.collections.llm.lightning import IGNORE_INDEX, next_token_loss
 from cupola.collections.world.autoregressive.model import ARConfig, ARWorldModel
 from cupola.collections.world.common import check_token_split, parallelize_blocks
+from cupola.collections.world.module import WorldModelModule
 from cupola.toolkit.config import ConfigError
-from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
+from cupola.toolkit.modules.lora import set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.parallel.sequence import SequenceParallel
-from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
-from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource
 
 __all__ = ["ARModule", "apply_sp", "ar_sources", "load_ar", "parallelize_ar"]
@@ -110,51 +108,13 @@ def load_ar(path: str | Path, device: str | torch.device = "cpu", *, tokenizer: 
     return model.to(device).eval(), load_tokenizer(tokenizer or config["tokenizer"], device)
 
 
-class ARModule(ParallelModule):
-    def __init__(
-        self,
-        config: ARConfig,
-        *,
-        tokenizer: str,
-        optim: OptimConfig,
-        parallel: ParallelConfig,
-        precision: str,
-        max_steps: int,
-        init_from: str | None = None,
-        lora: LoRAConfig | None = None,
-    ) -> None:
-        super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
-        self.config = config
-        self.tokenizer_path = tokenizer
-        self.init_from = init_from
-        self.lora = lora
-        # frozen helpers stay out of the state dict, the optimizer and checkpoints
-        self.__dict__["tokenizer"] = None
-        self.__dict__["t5"] = None
+class ARModule(WorldModelModule):
+    model_cls = ARWorldModel
+    parallelize_fn = staticmethod(parallelize_ar)
+    sources_fn = staticmethod(ar_sources)
 
-    # building ---------------------------------------------------------------------------
-    def build_model(self) -> nn.Module:
-        model = ARWorldModel(self.config)
-        if self.lora is not None:
-            apply_lora(model.layers, self.lora)
-        return model
-
-    def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
-        p = self.parallel_cfg
-        return parallelize_ar(
-            model,
-            dims,
-            param_dtype=self.param_dtype,
-            activation_checkpointing=p.activation_checkpointing,
-            compile=p.compile,
-        )
-
-    def init_weights(self, model: nn.Module) -> None:
-        model.init_weights()
-        init_lora(model)
-
-    def initial_weights(self) -> Mapping[str, SliceSource] | None:
-        return ar_sources(self.init_from, self.config) if self.init_from else None
+    def lora_targets(self, model: nn.Module) -> nn.Module:
+        return model.layers
 
     def freeze(self, model: nn.Module) -> None:
         if self.lora is not None:

@@ -12,13 +12,12 @@ from torch import nn
 from cupola.collections.world.common import parallelize_blocks
 from cupola.collections.world.diffusion.dit import DiT
 from cupola.collections.world.diffusion.model import Conditioning, DiffusionWFM, WFMConfig
+from cupola.collections.world.module import WorldModelModule
 from cupola.toolkit.config import ConfigError
-from cupola.toolkit.modules.lora import LoRAConfig, apply_lora, init_lora, set_lora_trainable
+from cupola.toolkit.modules.lora import set_lora_trainable
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.parallel.sequence import SequenceParallel
 from cupola.toolkit.training.callbacks import global_mean
-from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
-from cupola.toolkit.training.module import ParallelModule
 from cupola.toolkit.training.weights import SliceSource, TensorSource
 
 __all__ = ["DiffusionModule", "apply_sp", "camera_rays", "parallelize_wfm", "wfm_sources"]
@@ -95,53 +94,19 @@ def camera_rays(
     return rays.transpose(1, 2)
 
 
-class DiffusionModule(ParallelModule):
-    def __init__(
-        self,
-        config: WFMConfig,
-        *,
-        tokenizer: str,
-        optim: OptimConfig,
-        parallel: ParallelConfig,
-        precision: str,
-        max_steps: int,
-        init_from: str | None = None,
-        lora: LoRAConfig | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(optim=optim, parallel=parallel, precision=precision, max_steps=max_steps)
-        self.config = config
-        self.tokenizer_path = tokenizer
-        self.init_from = init_from
-        self.lora = lora
+class DiffusionModule(WorldModelModule):
+    model_cls = DiffusionWFM
+    parallelize_fn = staticmethod(parallelize_wfm)
+    sources_fn = staticmethod(wfm_sources)
+
+    def __init__(self, config: WFMConfig, *, seed: int = 0, **kwargs: Any) -> None:
+        """``seed``: of the training noise (with the step and the data-parallel rank); ``kwargs``:
+        :class:`~cupola.collections.world.module.WorldModelModule`'s."""
+        super().__init__(config, **kwargs)
         self.seed = seed
-        # frozen helpers stay out of the state dict, the optimizer and checkpoints
-        self.__dict__["tokenizer"] = None
-        self.__dict__["t5"] = None
 
-    # building ---------------------------------------------------------------------------
-    def build_model(self) -> nn.Module:
-        model = DiffusionWFM(self.config)
-        if self.lora is not None:
-            apply_lora(model.dit.blocks, self.lora)
-        return model
-
-    def parallelize(self, model: nn.Module, dims: ParallelDims) -> nn.Module:
-        p = self.parallel_cfg
-        return parallelize_wfm(
-            model,
-            dims,
-            param_dtype=self.param_dtype,
-            activation_checkpointing=p.activation_checkpointing,
-            compile=p.compile,
-        )
-
-    def init_weights(self, model: nn.Module) -> None:
-        model.init_weights()
-        init_lora(model)
-
-    def initial_weights(self) -> Mapping[str, SliceSource] | None:
-        return wfm_sources(self.init_from, self.config) if self.init_from else None
+    def lora_targets(self, model: nn.Module) -> nn.Module:
+        return model.dit.blocks
 
     def initial_weights_keep(self) -> tuple[str, ...]:
         return ("dit.action_embed.",)  # a new action embedding starts at zero (the base model)
