@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 
 from cupola.recipes.registry import catalog
+from cupola.recipes.testing import run_recipe_briefly
 from cupola.toolkit.testing import spawn
 
 
 def _train(rank: int, world: int, name: str, out: str, steps: int, overrides: tuple[str, ...] = ()) -> None:
-    import fiddle as fdl
-
-    from cupola.toolkit.cli import apply_overrides
-
-    recipe = catalog("world")[name]()
-    recipe.trainer.output_dir = out
-    recipe.trainer.max_steps = steps
-    recipe.trainer.log_every_n_steps = 1
-    recipe.trainer.checkpoint_every_n_steps = steps
-    recipe.trainer.val_check_interval = steps
-    recipe.trainer.limit_val_batches = 1
-    fdl.build(apply_overrides(recipe, [*overrides, f"trainer.devices={world}"]))()
+    run_recipe_briefly(rank, world, "world", name, out, steps, overrides)
 
 
 def _series(run: Path, key: str) -> list[float]:

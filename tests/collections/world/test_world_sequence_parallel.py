@@ -6,8 +6,6 @@ token counts and tp/ep are refused with errors naming the fix."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -19,6 +17,7 @@ from cupola.collections.world.autoregressive.lightning import parallelize_ar
 from cupola.collections.world.diffusion import DiffusionWFM, WFMConfig, dit_config
 from cupola.collections.world.diffusion.lightning import parallelize_wfm
 from cupola.collections.world.text import TextEncoderConfig
+from cupola.recipes.testing import run_recipe_briefly
 from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.parallel.sequence import SequenceParallel, SPLayout
 from cupola.toolkit.testing import spawn
@@ -212,20 +211,7 @@ def test_indivisible_token_counts_and_tp_ep_are_refused_with_the_fix():
 
 
 def _train(rank: int, world: int, name: str, out: str, steps: int, overrides: tuple[str, ...] = ()) -> None:
-    import fiddle as fdl
-
-    from cupola.recipes.registry import catalog
-    from cupola.toolkit.cli import apply_overrides
-
-    os.environ["WORLD_SIZE"] = str(world)  # a finished fit's teardown removes it; runs share a process
-    recipe = catalog("world")[name]()
-    recipe.trainer.output_dir = out
-    recipe.trainer.max_steps = steps
-    recipe.trainer.log_every_n_steps = 1
-    recipe.trainer.checkpoint_every_n_steps = steps
-    recipe.trainer.val_check_interval = steps
-    recipe.trainer.limit_val_batches = 1
-    fdl.build(apply_overrides(recipe, [*overrides, f"trainer.devices={world}"]))()
+    run_recipe_briefly(rank, world, "world", name, out, steps, overrides)
 
 
 STEPS = 3
