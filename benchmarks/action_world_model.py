@@ -207,6 +207,83 @@ def evaluate(
     return {k: float(np.mean(v)) for k, v in scores.items()}, curves, shown
 
 
+def probe(args, device: str) -> dict:
+    """Can the DiT learn to use actions at all, with the tokenizer out of the way? Its latents here
+    are the frames themselves, every ``t``-th one 4x4-pooled (a stand-in tokenizer that loses
+    nothing of the object's place), trained in plain PyTorch for ``--wfm-steps``; scored by the
+    held-out denoising loss with true vs. shuffled actions (the gap is what the actions buy) and by
+    rollouts against copy-last-frame, both in the pooled space."""
+    from cupola.collections.world.diffusion.model import Conditioning, DiffusionWFM
+
+    t, pool = 4, 4
+    cfg = PushEnvConfig(size=args.size, frames=args.frames, **args.env)
+
+    def latents(episodes) -> torch.Tensor:
+        v = torch.from_numpy(np.stack([e.video for e in episodes])).float().div(127.5).sub(1)
+        v = v[:, ::t].permute(0, 4, 1, 2, 3)  # [B, 3, 1 + (T-1)/t, H, W]
+        return torch.nn.functional.avg_pool3d(v, (1, pool, pool)).to(device)
+
+    train, test = push_episodes(args.episodes, cfg, args.seed), held_out(args)
+    x, xt = latents(train), latents(test)
+    scale = 0.5 / float(x.std())
+    x, xt = x * scale, xt * scale
+    acts = torch.from_numpy(np.stack([e.actions for e in train])).float().to(device)
+    acts_t = torch.from_numpy(np.stack([e.actions for e in test])).float().to(device)
+    prompts, prompts_t = [e.prompt for e in train], [e.prompt for e in test]
+
+    def cond(model, z, texts, a) -> Conditioning:
+        context, mask = model.encode_text(texts)
+        use = a if model.cfg.dit.action_dim else None
+        return Conditioning(context=context, context_mask=mask, cond_latents=z, cond_frames=1, actions=use)
+
+    def test_loss(model, a) -> float:
+        g = torch.Generator(device).manual_seed(123)
+        with torch.no_grad():
+            return float(
+                np.mean([float(model.training_loss(xt, cond(model, xt, prompts_t, a), g)) for _ in range(8)])
+            )
+
+    def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(10 * torch.log10(4 / (a / scale - b / scale).square().mean()))
+
+    out: dict = {"latent": f"every {t}th frame, {pool}x{pool}-pooled", "steps": args.wfm_steps}
+    for name, dit in WORLD_MODELS.items():
+        torch.manual_seed(args.seed)
+        model = DiffusionWFM(
+            WFMConfig(dit=dit_config("tiny", latent_channels=3, **dit), cond_frames=1, cond_dropout=0.0)
+        )
+        model.init_weights()
+        model.latent_scale.fill_(scale)
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        g = torch.Generator(device).manual_seed(args.seed)
+        curve = []
+        for step in range(1, args.wfm_steps + 1):
+            i = torch.randint(0, len(x), (args.batch,), generator=g, device=device)
+            loss = model.training_loss(x[i], cond(model, x[i], [prompts[j] for j in i.tolist()], acts[i]), g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % max(1, args.wfm_steps // 10) == 0:
+                row = {"step": step, "test_loss": test_loss(model, acts_t)}
+                if dit.get("action_dim"):
+                    row["test_loss_shuffled_actions"] = test_loss(model, acts_t.roll(1, 0))
+                curve.append(row)
+                print(f"[probe] {name} {row}", file=sys.stderr, flush=True)
+        rollout = {}
+        for label, a in (("true", acts_t), ("shuffled", acts_t.roll(1, 0))):
+            g = torch.Generator(device).manual_seed(5)
+            z = model.generate(
+                tuple(xt.shape), cond(model, xt, prompts_t, a), steps=args.sample_steps, generator=g
+            )
+            rollout[label] = psnr_pooled(z[:, :, 1:], xt[:, :, 1:])
+            if not dit.get("action_dim"):
+                break
+        out[name] = {"curve": curve, "rollout_psnr_db": rollout}
+    out["copy_last_frame_psnr_db"] = psnr_pooled(xt[:, :, :1].expand_as(xt)[:, :, 1:], xt[:, :, 1:])
+    return out
+
+
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -257,10 +334,11 @@ def main() -> None:
     p.add_argument("--tokenizer", help="a trained tokenizer run to use instead of training one")
     p.add_argument(
         "--stage",
-        choices=("all", "tokenizer", "world_model", "evaluate"),
+        choices=("all", "tokenizer", "world_model", "evaluate", "probe"),
         default="all",
         help="all: train everything, then evaluate; tokenizer: train and score the tokenizer only; "
-        "world_model: train --model only (runs can train side by side); evaluate: score trained runs",
+        "world_model: train --model only (runs can train side by side); evaluate: score trained runs; "
+        "probe: both DiTs on pooled frames instead of a tokenizer's latents (does the model use actions?)",
     )
     p.add_argument("--model", choices=tuple(WORLD_MODELS), help="the world model --stage world_model trains")
     p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
@@ -292,6 +370,22 @@ def main() -> None:
     slug = name.replace("NVIDIA ", "").replace(" ", "_").lower() + ("_quick" if args.quick else "")
     out = Path(args.results) / f"action_world_model_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.stage == "probe":
+        record = {"device": name, "torch": torch.__version__, "args": vars(args), **probe(args, device)}
+        out = out.with_name(out.stem + "_probe.json")
+        out.write_text(json.dumps(record, indent=2))
+        print("| model | test loss (true actions) | (shuffled) | rollout PSNR true / shuffled (dB) |")
+        print("|---|---|---|---|")
+        for m in WORLD_MODELS:
+            last = record[m]["curve"][-1]
+            shuffled = last.get("test_loss_shuffled_actions")
+            r = record[m]["rollout_psnr_db"]
+            print(
+                f"| {m} | {last['test_loss']:.4f} | {'—' if shuffled is None else f'{shuffled:.4f}'} "
+                f"| {r['true']:.2f} / {r.get('shuffled', float('nan')):.2f} |"
+            )
+        print(f"copy-last-frame: {record['copy_last_frame_psnr_db']:.2f} dB; wrote {out}")
+        return
     tokenizer = Path(args.tokenizer) if args.tokenizer else root / "tokenizer"
     if args.stage in ("all", "tokenizer") and not args.tokenizer:
         train_tokenizer(args, root)
