@@ -149,5 +149,8 @@ def train_world_model(
         micro_batch_size=data.micro_batch_size,
         flops_per_token=0.0,
         sp_splits_seq_len=False,
+        loss_name="EDM denoising loss (weighted)"
+        if kind == "diffusion"
+        else "cross-entropy loss (nats/token)",
     )
     return fit(module, data, trainer, info, run_config=run_config)

@@ -164,8 +164,9 @@ class ConsoleLog(pl.Callback):
 class LossCurve(pl.Callback):
     """Keeps (step, loss) for the whole run — across resumes, through the checkpoint — and draws it."""
 
-    def __init__(self, out_png: str | Path) -> None:
+    def __init__(self, out_png: str | Path, loss_name: str = "cross-entropy loss (nats/token)") -> None:
         self.out_png = Path(out_png)
+        self.loss_name = loss_name  # the y-axis label
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
 
@@ -211,7 +212,7 @@ class LossCurve(pl.Callback):
             vsteps, vlosses = zip(*self.val, strict=True)
             ax.plot(vsteps, vlosses, "o-", label="validation", lw=1.2)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy loss (nats/token)")
+        ax.set_ylabel(self.loss_name)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

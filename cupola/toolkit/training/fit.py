@@ -53,6 +53,7 @@ class RunInfo:
     # whether seq_len counts the tokens sequence parallelism splits (checked against its layout here);
     # False when it counts something else (world models: frames) and the model checks its own tokens
     sp_splits_seq_len: bool = True
+    loss_name: str = "cross-entropy loss (nats/token)"  # what the loss curve's y axis says
 
 
 class ProgressBar(TQDMProgressBar):
@@ -186,7 +187,7 @@ def fit(
 
     pl.seed_everything(trainer_cfg.seed, workers=True, verbose=False)
     tokens_per_step = info.seq_len * info.micro_batch_size * dims.dp * accumulate
-    loss_curve = LossCurve(out / "loss_curve.png")
+    loss_curve = LossCurve(out / "loss_curve.png", info.loss_name)
     throughput = Throughput(
         tokens_per_step, info.flops_per_token, trainer_cfg.world_size, trainer_cfg.precision
     )

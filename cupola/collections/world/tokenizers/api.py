@@ -69,5 +69,10 @@ def train(
         "init_from": init_from,
     }
     # throughput counts frames (a "token" is a frame here); no MFU figure for convolutional models
-    info = RunInfo(seq_len=data.num_frames, micro_batch_size=data.micro_batch_size, flops_per_token=0.0)
+    info = RunInfo(
+        seq_len=data.num_frames,
+        micro_batch_size=data.micro_batch_size,
+        flops_per_token=0.0,
+        loss_name="reconstruction loss (L1, + perceptual / adversarial terms when on)",
+    )
     return fit(module, data, trainer, info, run_config=run_config)
