@@ -24,7 +24,7 @@ from cupola.toolkit.parallel.dims import ParallelDims
 from cupola.toolkit.training.callbacks import global_mean, raise_non_finite
 from cupola.toolkit.training.configs import OptimConfig, ParallelConfig
 from cupola.toolkit.training.optim import build_optimizer, build_scheduler
-from cupola.toolkit.training.weights import SliceSource, load_sources
+from cupola.toolkit.training.weights import SliceSource, TensorSource, load_sources
 
 
 class ParallelModule(pl.LightningModule):
@@ -98,7 +98,14 @@ class ParallelModule(pl.LightningModule):
         model = self.parallelize(model, dims)
         model.to_empty(device=self.device)
         with torch.no_grad():
+            rng = torch.random.get_rng_state()
             self.init_weights(model)
+            if self.device.type == "cpu" and any(isinstance(p, DTensor) for p in model.parameters()):
+                # DTensor keeps random shards apart on accelerators only: on a CPU mesh every rank drew
+                # its shard from the same stream. Initialise the whole model as one process does (from
+                # the same generator state) and keep this rank's slices.
+                torch.random.set_rng_state(rng)
+                load_sources(model, self._whole_initial_model())
         sources = None if self.resuming else self.initial_weights()
         if sources is not None:
             prefixes = self.initial_weights_keep()
@@ -116,6 +123,15 @@ class ParallelModule(pl.LightningModule):
         set_moe_loss_scale(model, 1.0 / self.trainer.accumulate_grad_batches)
         self.model, self.dims = model, dims
         self.sp = dims.sequence_parallel() if dims.sp_enabled else None
+
+    def _whole_initial_model(self) -> dict[str, TensorSource]:
+        """The unsharded, freshly initialised model's tensors (built and initialised as one process
+        would: meta, then ``init_weights``), as sources to slice."""
+        with torch.device("meta"):
+            whole = self.build_model()
+        whole.to_empty(device="cpu")
+        self.init_weights(whole)
+        return {name: TensorSource(t) for name, t in whole.state_dict().items()}
 
     # Training ----------------------------------------------------------------------------
     SEQUENCE_KEYS = ("tokens", "labels", "positions", "document_ids")

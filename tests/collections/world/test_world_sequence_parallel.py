@@ -1,7 +1,8 @@
 """Sequence parallelism (parallel.sp) for the world models on gloo against one process, in float64:
 the Video2World + action DiT (Ulysses and zigzag ring: output and every gradient, the text encoder's
 included) and the autoregressive model with cross-attention (logits, loss, gradients); then both
-tiny recipes trained with parallel.sp=2 on 2 processes follow the 1-process loss curves; indivisible
+tiny recipes trained from scratch with parallel.sp=2 on 2 processes follow the 1-process loss curves
+(so the FSDP-sharded initialization on a CPU mesh is one process's too); indivisible
 token counts and tp/ep are refused with errors naming the fix."""
 
 from __future__ import annotations
@@ -224,24 +225,17 @@ RUNS = (
 
 
 def _world_runs(rank: int, world: int, root: str) -> None:
-    """Both recipes, ``STEPS`` steps from their base runs in ``root``; with parallel.sp=2 on 2 processes."""
+    """Both recipes, ``STEPS`` steps from a fresh initialization; with parallel.sp=2 on 2 processes
+    (whose FSDP-sharded initialization is one process's, CPU mesh included)."""
     for name, tok, sp in RUNS:
-        overrides = (
-            *SMALL,
-            f"tokenizer={root}/{tok}",
-            f"init_from={root}/{name}_base",
-            *(sp if world == 2 else ()),
-        )
+        overrides = (*SMALL, f"tokenizer={root}/{tok}", *(sp if world == 2 else ()))
         _train(rank, world, name, f"{root}/{name}_{world}", STEPS, overrides)
 
 
 def _one_process_runs(rank: int, world: int, root: str) -> None:
-    """The two tokenizers and a 1-step base run of each world model (the runs to compare start from its
-    weights: FSDP's random initialization on a CPU mesh is not one process's), then the 1-process runs."""
+    """The two tokenizers, then the 1-process runs."""
     for name, tok in (("cosmos_tokenizer_tiny_train", "tok"), ("cosmos_tokenizer_tiny_dv_train", "tok_dv")):
         _train(rank, world, name, f"{root}/{tok}", 1, ("data.micro_batch_size=2",))
-    for name, tok, _ in RUNS:
-        _train(rank, world, name, f"{root}/{name}_base", 1, (*SMALL, f"tokenizer={root}/{tok}"))
     _world_runs(rank, world, root)
 
 
