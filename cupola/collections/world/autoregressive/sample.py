@@ -94,31 +94,27 @@ def generate(
     if num_new_tokens == 0:
         return tokens
     extra = {"context": context, "context_mask": context_mask}
+    n = P + num_new_tokens
+    cache = model.new_kv_cache(n) if decode == "eager" else StaticKVCache(model.cfg.n_layers, n, device)
+    logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]  # the prefill
     if decode == "eager":
-        cache = model.new_kv_cache(P + num_new_tokens)
 
         def step(token_B_1: torch.Tensor) -> torch.Tensor:
             return model(token_B_1, grid, kv_cache=cache, **extra)[:, -1]
 
     else:
-        cache = StaticKVCache(model.cfg.n_layers, P + num_new_tokens, device)
         table = model.rope(grid, 0, T * H * W, device)
         token = torch.zeros(B, 1, dtype=torch.long, device=device)  # the step's input, overwritten
 
         def static_step() -> torch.Tensor:
             return model.decode_step(token, cache, table, **extra)
 
-        replay = static_step
-        if decode == "graph":
-            logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]  # prefill first
-            replay = _captured(static_step, cache)
+        replay = _captured(static_step, cache) if decode == "graph" else static_step
 
         def step(token_B_1: torch.Tensor) -> torch.Tensor:
             token.copy_(token_B_1)
             return replay()
 
-    if decode != "graph":
-        logits = model(prefix_tokens_B_P, grid, kv_cache=cache, **extra)[:, -1]
     for i in range(P, P + num_new_tokens):
         tokens[:, i] = sample_next(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
