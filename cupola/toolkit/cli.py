@@ -47,6 +47,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "video tokenizers: tokenize / detokenize a video, evaluate a tokenizer (PSNR, SSIM)",
         "cupola.collections.world.cli:configure",
     ),
+    "curate": (
+        "curate videos into webdataset shards on Ray: split, transcode, filter, caption, dedup, shard",
+        "cupola.collections.world.curation.cli:configure",
+    ),
     "vlm": (
         "talk to a VLM run about a video or an image (cupola vlm chat)",
         "cupola.collections.vlm.cli:configure",
