@@ -171,6 +171,33 @@ def test_tiny_tokenizer(run_tutorial: RunTutorial):
     assert "frames=33" in stdout_of(nb, "cli")
 
 
+@pytest.mark.slow
+def test_video_curation(run_tutorial: RunTutorial):
+    nb, out = run_tutorial("06_video_curation.ipynb", 8)
+
+    # 6 generated videos + an MJPEG .avi + 4 broken files; every degradation caught
+    summary = json.loads((out / "curated" / "summary.json").read_text())
+    assert (summary["videos"], summary["videos_ok"], summary["videos_failed"]) == (11, 7, 4), summary
+    reasons = {"blurry", "duplicate", "low_motion", "overexposed", "too_short", "underexposed"}
+    assert set(summary["clips_dropped"]) == reasons, summary
+    kept = summary["clips_kept"]
+    manifest = stdout_of(nb, "manifest")
+    found = re.search(r"^kept\s+-\s+(\d+)$", manifest, re.M)
+    assert found and int(found[1]) == kept, manifest
+    assert re.search(r"^\s+too_short\s+1$", manifest, re.M) and "duplicate_of:shots_v0000-" in manifest
+    assert (out / "clips.png").read_bytes().startswith(b"\x89PNG")
+    assert stdout_of(nb, "dataset").startswith(f"{kept} clips in the shards"), stdout_of(nb, "dataset")
+
+    # the tokenizer trained on the shards and reconstructs every curated clip
+    tokenizer = json.loads((out / "tokenizer" / "summary.json").read_text())
+    assert tokenizer["steps"] == 8 and tokenizer["final_loss"] < tokenizer["first_loss"], tokenizer
+    found = re.search(r"train PSNR (\S+) -> (\S+) dB", stdout_of(nb, "curves"))
+    assert found and float(found[2]) > float(found[1]), stdout_of(nb, "curves")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["videos"] == kept and math.isfinite(results["psnr"]), results
+    assert f"{kept} curated clips: reconstruction PSNR" in stdout_of(nb, "eval")
+
+
 def decoded_frames(path: Path) -> list:
     """Every frame of a video file as PyAV decodes it (``uint8 [H, W, 3]`` each)."""
     import av

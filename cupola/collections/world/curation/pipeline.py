@@ -246,7 +246,7 @@ def _curate_videos(todo: list[Source], cfg: CurateConfig, work: Path, say: Calla
             what = (
                 f"failed: {row['error']}"
                 if row["status"] == "failed"
-                else f"{row['clips']} clips, {row['kept']} kept"
+                else f"{row['clips']} clips, {row['kept']} passed the filters"
             )
             say(f"{n}/{len(rows)} {row['source']}: {what}")
     finally:
