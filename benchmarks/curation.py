@@ -17,7 +17,7 @@ each row's share of the decode floor (the target for split+transcode+filter is >
     python benchmarks/curation.py            # the recorded numbers (2 CPUs, 360x640 @ 24 fps)
     python benchmarks/curation.py --quick    # a smoke run: a few small videos
 
-Writes ``benchmarks/results/curation_<cpus>cpu[_quick].json`` and a bar chart PNG beside it.
+Writes ``benchmarks/results/curation_<size>_<cpus>cpu[_quick].json`` and a bar chart PNG beside it.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main() -> None:
     import decord
     import scenedetect
 
-    out = Path(args.results) / f"curation_{args.cpus}cpu{'_quick' if args.quick else ''}.json"
+    out = Path(args.results) / f"curation_{args.size}_{args.cpus}cpu{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record_json = {
         "device": platform.processor() or platform.machine(),
