@@ -274,6 +274,25 @@ def test_dedup_and_sharding_settings_change_without_curating_again(run, corpus, 
     assert sum(len(tar_members(t)) for t in tars) == 2 * len(kept | {duplicate})
 
 
+def test_failed_videos_are_kept_on_resume_and_curated_again_with_retry_failed(run, corpus, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run.output, out)
+    # a video a transient error (a full disk, say) failed: its unchanged source is finished, as failed
+    key = videos_by_source(run.output)["shots/v0001.mp4"]["key"]
+    result_json = out / "work" / "videos" / key / "result.json"
+    result = json.loads(result_json.read_text())
+    result["video"].update(status="failed", error="OSError: [Errno 28] No space left on device", kept=0)
+    result["clips"] = []
+    result_json.write_text(json.dumps(result))
+    kept = curate(corpus.root, out)
+    assert (kept.curated, kept.resumed) == (0, 13)
+    assert videos_by_source(out)["shots/v0001.mp4"]["status"] == "failed"
+    retried = curate(corpus.root, out, retry_failed=True)
+    assert (retried.curated, retried.resumed) == (5, 8)  # it and the four broken inputs, nothing else
+    assert shard_bytes(out) == shard_bytes(run.output)
+    assert manifest(out) == manifest(run.output) and retried.summary == run.summary
+
+
 # --- errors and exit codes -------------------------------------------------------------------------
 
 

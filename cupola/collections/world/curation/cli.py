@@ -1,7 +1,7 @@
 """``cupola curate``: curate a folder (or list) of videos into webdataset shards and a manifest.
 
     cupola curate --input DIR|LIST --output DIR [--config curate.yaml] [--ray-address ADDR]
-                  [--num-cpus N] [key=value ...]
+                  [--num-cpus N] [--retry-failed] [key=value ...]
 
 Re-running with the same ``--output`` resumes: finished videos are skipped. Exit status 0 when at
 least one video was curated (failed inputs are in the manifest and the summary), 1 when none
@@ -40,6 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="CPUs of the local Ray instance (default: config num_cpus, else all)",
     )
     parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="curate again the videos an earlier run into --output recorded as failed (default: keep them)",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
@@ -60,7 +65,9 @@ def _curate(args: argparse.Namespace) -> int:
     if args.num_cpus is not None:
         overrides.append(f"num_cpus={args.num_cpus}")
     cfg = load_config(args.config, overrides)
-    result = curate(args.input, args.output, cfg, ray_address=args.ray_address)
+    result = curate(
+        args.input, args.output, cfg, ray_address=args.ray_address, retry_failed=args.retry_failed
+    )
     s = result.summary
     print(
         f"cupola curate: {s['videos']} videos ({s['videos_ok']} ok, {s['videos_failed']} failed), "

@@ -373,12 +373,14 @@ def curate(
     config: CurateConfig | None = None,
     *,
     ray_address: str | None = None,
+    retry_failed: bool = False,
     say: Callable[[str], None] = _say,
 ) -> CurationResult:
     """Curate the videos of ``input`` (a folder or a ``.txt`` list) into ``output`` (see the module
     docstring), resuming what an earlier run into ``output`` finished. Ray: the instance this process
-    already joined, else ``ray_address``, else a local one with ``config.num_cpus``. ``say`` gets
-    the progress lines."""
+    already joined, else ``ray_address``, else a local one with ``config.num_cpus``.
+    ``retry_failed``: curate again the videos an earlier run recorded as failed (after fixing a
+    disk, a codec or a file), not only the unfinished ones. ``say`` gets the progress lines."""
     started = time.perf_counter()
     cfg = validate(config if config is not None else load_config())
     out = Path(output).expanduser().resolve()
@@ -390,7 +392,12 @@ def curate(
     _check_settings(work, cfg)
     shutil.rmtree(work / STAGING, ignore_errors=True)
     (work / STAGING).mkdir(parents=True)
-    todo = [s for s in sources if _finished(work, s) is None]
+
+    def done(source: Source) -> bool:
+        result = _finished(work, source)
+        return result is not None and not (retry_failed and result["video"]["status"] == "failed")
+
+    todo = [s for s in sources if not done(s)]
     resumed = len(sources) - len(todo)
     say(f"{len(sources)} videos in {input}: {resumed} already curated in {out}, {len(todo)} to curate")
     with ray_session(ray_address, cfg.num_cpus):
