@@ -49,3 +49,21 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, args:
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo group."""
     mp.spawn(_worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def kill_marked_processes(variable: str, marker: str, since: float, timeout: float = 20.0) -> None:
+    """SIGKILL every process started at or after ``since`` (epoch seconds) whose environment has
+    ``variable=marker``, and wait for them: what a test's subprocess left behind outside its
+    process group (Ray's raylet, GCS and workers start sessions of their own). Fails if any survive."""
+    import psutil
+
+    marked = []
+    for proc in psutil.process_iter(["create_time"]):
+        try:
+            if proc.info["create_time"] >= since - 1 and proc.environ().get(variable) == marker:
+                proc.kill()
+                marked.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    _, alive = psutil.wait_procs(marked, timeout=timeout)
+    assert not alive, f"processes with {variable}={marker} still alive: {alive}"

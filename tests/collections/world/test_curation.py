@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -35,6 +34,7 @@ from cupola.collections.world.curation import (
 from cupola.collections.world.data.clips import VideoClipDataset
 from cupola.toolkit.cli import main
 from cupola.toolkit.config import ConfigError
+from cupola.toolkit.testing import kill_marked_processes
 
 BROKEN_ERRORS = {  # the corpus's broken file -> what its manifest error says
     "broken/corrupt.mp4": "cannot be opened: corrupt, truncated, or not a media file",
@@ -201,18 +201,7 @@ def _committed(out: Path) -> int:
 
 
 def _kill_leftovers(marker: str, since: float) -> None:
-    """SIGKILL the processes the killed run left behind (Ray's workers start sessions of their
-    own, out of its process group): those carrying ``marker`` in their environment."""
-    left = []
-    for proc in psutil.process_iter(["create_time"]):
-        try:
-            if proc.info["create_time"] >= since - 1 and proc.environ().get("CURATION_TEST_RUN") == marker:
-                proc.kill()
-                left.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    _, alive = psutil.wait_procs(left, timeout=20)
-    assert not alive, f"processes of the killed run still alive: {alive}"
+    kill_marked_processes("CURATION_TEST_RUN", marker, since)
 
 
 def test_a_killed_run_rerun_to_completion_writes_the_uninterrupted_runs_bytes(run, corpus, tmp_path):

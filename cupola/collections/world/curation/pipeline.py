@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -85,6 +86,14 @@ def _say(text: str) -> None:
     print(f"[curate] {text}", file=sys.stderr, flush=True)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``[ray://]HOST:PORT`` nobody listens on (``ray.init`` retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if sep and host and port.isdigit():
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """Ray for the duration: the running instance if this process already joined one; else a new
@@ -95,7 +104,15 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield
         return
     if address:
-        ray.init(address=address)
+        try:
+            _check_reachable(address)
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, OSError) as e:
+            raise ConfigError(
+                f"--ray-address {address}: no Ray cluster could be joined there ({str(e).splitlines()[0]}). "
+                "Give the head node's GCS address (HOST:6379, 'auto' on a cluster node, ray://HOST:10001), "
+                "or leave --ray-address out to run on a local Ray instance"
+            ) from e
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     try:
