@@ -284,6 +284,32 @@ def probe(args, device: str) -> dict:
     return out
 
 
+def plot_probe(record: dict, path: Path) -> None:
+    """Held-out denoising loss over training: the action model with its true and with shuffled
+    actions, and the no-action model (the gap between the first two is what the actions buy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, key, label in (
+        ("actions", "test_loss", "action model, true actions"),
+        ("actions", "test_loss_shuffled_actions", "action model, shuffled actions"),
+        ("no_actions", "test_loss", "no-action model"),
+    ):
+        curve = record[name]["curve"]
+        ax.plot([r["step"] for r in curve], [r[key] for r in curve], marker="o", markersize=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out EDM denoising loss")
+    ax.set_title(f"push environment, {record['latent']} latents")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     import matplotlib
 
@@ -374,6 +400,7 @@ def main() -> None:
         record = {"device": name, "torch": torch.__version__, "args": vars(args), **probe(args, device)}
         out = out.with_name(out.stem + "_probe.json")
         out.write_text(json.dumps(record, indent=2))
+        plot_probe(record, out.with_suffix(".png"))
         print("| model | test loss (true actions) | (shuffled) | rollout PSNR true / shuffled (dB) |")
         print("|---|---|---|---|")
         for m in WORLD_MODELS:
