@@ -108,6 +108,14 @@ def _train_seconds(run: Path) -> float | None:
     return json.loads(summary.read_text())["wall_seconds"] if summary.is_file() else None
 
 
+def _trained_steps(run: Path) -> int | None:
+    """The training step of the run's newest checkpoint (the one the evaluation loads)."""
+    from cupola.collections.llm.lightning import run_checkpoint
+
+    ckpt = run_checkpoint(str(run))
+    return None if ckpt is None else int(ckpt.name.removeprefix("step_"))
+
+
 def train_tokenizer(args, root: Path) -> None:
     tok_api.train(
         experiment_tokenizer(args),
@@ -437,6 +445,7 @@ def main() -> None:
     t0 = time.perf_counter()
     scores, curves, shown = evaluate(args, root, device)
     times = {f"{run}_train_s": _train_seconds(root / run) for run in WORLD_MODELS}
+    trained = {run: _trained_steps(root / run) for run in (*WORLD_MODELS, "tokenizer")}
     times["eval_s"] = time.perf_counter() - t0
     print(f"\nPSNR (dB) of generated frames 1..{args.frames - 1} on {args.eval_episodes} held-out episodes")
     print(f"| {'predictor':<22} | PSNR (dB) |\n|{'-' * 24}|-----------|")
@@ -454,6 +463,7 @@ def main() -> None:
         "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
         "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
         "seconds": times,
+        "steps_trained": trained,  # of the checkpoints scored (a run cut off by a time limit: fewer)
     }
     out.write_text(json.dumps(record, indent=2))
     write_media(shown, out, fps=8.0)
