@@ -85,8 +85,11 @@ def _trainer(out: Path, steps: int) -> TrainerConfig:
     )
 
 
-def _optim(lr: float, steps: int) -> OptimConfig:
-    return OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 50), weight_decay=0.0)
+def _optim(lr: float, steps: int, decay: bool = True) -> OptimConfig:
+    """AdamW after a short warm-up: cosine to lr/10 (``decay``) or held at ``lr``."""
+    return OptimConfig(
+        lr=lr, min_lr=lr / 10 if decay else lr, warmup_steps=max(1, steps // 50), weight_decay=0.0
+    )
 
 
 def experiment_tokenizer(args) -> TokenizerConfig:
@@ -166,7 +169,7 @@ def train_world_model(args, root: Path, tokenizer: Path, name: str) -> None:
         ),
         _data(args, args.batch),
         _trainer(root / name, args.wfm_steps),
-        _optim(1e-3, args.wfm_steps),
+        _optim(1e-3, args.wfm_steps, decay=args.wfm_lr == "cosine"),
         tokenizer=str(tokenizer),
     )
 
@@ -225,11 +228,17 @@ def probe(args, device: str) -> dict:
 
     t, pool = 4, 4
     cfg = PushEnvConfig(size=args.size, frames=args.frames, **args.env)
+    tok = None
+    if args.probe_latents == "tokenizer":  # the trained tokenizer's latents, rollouts scored in pixels
+        tok = load_tokenizer(Path(args.tokenizer) if args.tokenizer else Path(args.work) / "tokenizer", device)
 
     def latents(episodes) -> torch.Tensor:
         v = torch.from_numpy(np.stack([e.video for e in episodes])).float().div(127.5).sub(1)
-        v = v[:, ::t].permute(0, 4, 1, 2, 3)  # [B, 3, 1 + (T-1)/t, H, W]
-        return torch.nn.functional.avg_pool3d(v, (1, pool, pool)).to(device)
+        v = v.permute(0, 4, 1, 2, 3)  # [B, 3, T, H, W]
+        if tok is not None:
+            with torch.no_grad():
+                return torch.cat([tok.encode_latent(c.to(device)) for c in v.split(256)])
+        return torch.nn.functional.avg_pool3d(v[:, :, ::t], (1, pool, pool)).to(device)
 
     train, test = push_episodes(args.episodes, cfg, args.seed), held_out(args)
     x, xt = latents(train), latents(test)
@@ -251,14 +260,29 @@ def probe(args, device: str) -> dict:
                 np.mean([float(model.training_loss(xt, cond(model, xt, prompts_t, a), g)) for _ in range(8)])
             )
 
-    def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(10 * torch.log10(4 / (a / scale - b / scale).square().mean()))
+    def pixels(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([tok.decode(c / scale).clamp(-1, 1) for c in z.split(64)])
 
-    out: dict = {"latent": f"every {t}th frame, {pool}x{pool}-pooled", "steps": args.wfm_steps}
+    truth = torch.from_numpy(np.stack([e.video for e in test])).float().div(127.5).sub(1)
+    truth = truth.permute(0, 4, 1, 2, 3).to(device)
+
+    def psnr_pooled(a: torch.Tensor, b: torch.Tensor) -> float:
+        """PSNR of frames 1.. of latents ``a`` against ``b``: pooled space, or pixels (tokenizer latents)."""
+        if tok is not None:  # b: the held-out latents, scored against the true frames
+            return float(10 * torch.log10(4 / (pixels(a)[:, :, 1:] - truth[:, :, 1:]).square().mean()))
+        return float(10 * torch.log10(4 / (a[:, :, 1:] / scale - b[:, :, 1:] / scale).square().mean()))
+
+    latent = "tokenizer" if tok is not None else f"every {t}th frame, {pool}x{pool}-pooled"
+    out: dict = {"latent": latent, "steps": args.wfm_steps}
     for name, dit in WORLD_MODELS.items():
+        if args.model and name != args.model:
+            continue
         torch.manual_seed(args.seed)
         model = DiffusionWFM(
-            WFMConfig(dit=dit_config("tiny", latent_channels=3, **dit), cond_frames=1, cond_dropout=0.0)
+            WFMConfig(
+                dit=dit_config("tiny", latent_channels=x.shape[1], **dit), cond_frames=1, cond_dropout=0.0
+            )
         )
         model.init_weights()
         model.latent_scale.fill_(scale)
@@ -284,11 +308,16 @@ def probe(args, device: str) -> dict:
             z = model.generate(
                 tuple(xt.shape), cond(model, xt, prompts_t, a), steps=args.sample_steps, generator=g
             )
-            rollout[label] = psnr_pooled(z[:, :, 1:], xt[:, :, 1:])
+            rollout[label] = psnr_pooled(z, xt)
             if not dit.get("action_dim"):
                 break
         out[name] = {"curve": curve, "rollout_psnr_db": rollout}
-    out["copy_last_frame_psnr_db"] = psnr_pooled(xt[:, :, :1].expand_as(xt)[:, :, 1:], xt[:, :, 1:])
+    if tok is None:
+        out["copy_last_frame_psnr_db"] = psnr_pooled(xt[:, :, :1].expand_as(xt), xt)
+    else:
+        copy = truth[:, :, :1].expand_as(truth)[:, :, 1:]
+        out["copy_last_frame_psnr_db"] = float(10 * torch.log10(4 / (copy - truth[:, :, 1:]).square().mean()))
+        out["tokenizer_ceiling_psnr_db"] = psnr_pooled(xt, xt)
     return out
 
 
@@ -306,6 +335,8 @@ def plot_probe(record: dict, path: Path) -> None:
         ("actions", "test_loss_shuffled_actions", "action model, shuffled actions"),
         ("no_actions", "test_loss", "no-action model"),
     ):
+        if name not in record:
+            continue
         curve = record[name]["curve"]
         ax.plot([r["step"] for r in curve], [r[key] for r in curve], marker="o", markersize=3, label=label)
     ax.set_xlabel("training step")
@@ -374,7 +405,7 @@ def main() -> None:
         "world_model: train --model only (runs can train side by side); evaluate: score trained runs; "
         "probe: both DiTs on pooled frames instead of a tokenizer's latents (does the model use actions?)",
     )
-    p.add_argument("--model", choices=tuple(WORLD_MODELS), help="the world model --stage world_model trains")
+    p.add_argument("--model", choices=tuple(WORLD_MODELS), help="the world model --stage world_model trains (--stage probe: only this one)")
     p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
     p.add_argument("--tokenizer-latent-channels", type=int, default=16)
     p.add_argument("--tokenizer-width", type=int, default=32, help="first encoder/decoder width (tiny: 16)")
@@ -386,6 +417,15 @@ def main() -> None:
         help="PushEnvConfig fields to change, e.g. action_scale=0.03 radius=[0.12,0.2] (values are JSON)",
     )
     p.add_argument("--wfm-steps", type=int, default=3000)
+    p.add_argument(
+        "--wfm-lr", choices=("cosine", "constant"), default="cosine", help="the world models' LR after warm-up"
+    )
+    p.add_argument(
+        "--probe-latents",
+        choices=("pooled", "tokenizer"),
+        default="pooled",
+        help="--stage probe: pooled frames, or the trained tokenizer's latents (--tokenizer or WORK/tokenizer)",
+    )
     p.add_argument("--sample-steps", type=int, default=35)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -406,12 +446,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.stage == "probe":
         record = {"device": name, "torch": torch.__version__, "args": vars(args), **probe(args, device)}
-        out = out.with_name(out.stem + "_probe.json")
+        tag = ("_tokenizer" if args.probe_latents == "tokenizer" else "") + (f"_{args.model}" if args.model else "")
+        out = out.with_name(out.stem + f"_probe{tag}.json")
         out.write_text(json.dumps(record, indent=2))
         plot_probe(record, out.with_suffix(".png"))
         print("| model | test loss (true actions) | (shuffled) | rollout PSNR true / shuffled (dB) |")
         print("|---|---|---|---|")
-        for m in WORLD_MODELS:
+        for m in (m for m in WORLD_MODELS if m in record):
             last = record[m]["curve"][-1]
             shuffled = last.get("test_loss_shuffled_actions")
             r = record[m]["rollout_psnr_db"]
