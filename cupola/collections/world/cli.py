@@ -84,7 +84,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="frame size (default: the --video's, else 32 32)",
     )
     gen.add_argument(
-        "--fps", type=float, default=8.0, help="frame rate of the output (and of fps-aware models)"
+        "--fps",
+        type=float,
+        help="frame rate of the clip for the model and of the output (default: the rate the model was "
+        "trained at, else 8)",
     )
     gen.add_argument("--steps", type=int, default=35, help="sampling steps (default 35)")
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance (1 = off)")
@@ -335,8 +338,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"cupola: error: {e}", file=sys.stderr)
         return 2
     video, report = guard.postprocess(video)
-    out = write_video(args.out, video, args.fps)
-    gif = write_preview(Path(args.out).with_suffix(".gif"), video, args.fps)
+    fps = args.fps or world.fps or 8.0
+    out = write_video(args.out, video, fps)
+    gif = write_preview(Path(args.out).with_suffix(".gif"), video, fps)
     faces = report.get("boxes_blurred", 0)
     print(
         f"cupola: {len(video)} frames {video.shape[1]}x{video.shape[2]} -> {out} (+ {gif.name}); faces blurred: {faces}"

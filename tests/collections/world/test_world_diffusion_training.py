@@ -134,6 +134,26 @@ def test_generate_is_seeded_and_the_cli_writes_playable_mp4_and_gif(runs, tmp_pa
     assert "kill" in capsys.readouterr().err and not refused.exists()
 
 
+def test_generation_defaults_to_the_frame_rate_the_model_was_trained_at(runs, tmp_path):
+    """The DiT's time positions are fps-aware: sampling at another rate than training moves them. The
+    run records its clips' rate (the push environment's 8 fps); generate and the CLI default to it."""
+    from cupola.collections.world.data.environments import FPS
+    from cupola.collections.world.diffusion.generate import load_wfm
+    from cupola.toolkit.cli import main
+    from cupola.toolkit.data.video import probe_video
+
+    world = load_wfm(runs["t2w"])
+    assert world.fps == FPS
+    common = {"prompt": "a red disc", "frames": 9, "size": (32, 32), "steps": 2, "seed": 3}
+    default = world.generate(**common)
+    assert np.array_equal(default, world.generate(**common, fps=FPS))
+    assert not np.array_equal(default, world.generate(**common, fps=3 * FPS))
+    out = tmp_path / "out.mp4"
+    args = ["world", "generate", "--checkpoint", str(runs["t2w"]), "--steps", "2", "--out", str(out)]
+    assert main([*args, "--prompt", "a red disc", "--seed", "3"]) == 0
+    assert probe_video(out).fps == pytest.approx(FPS)
+
+
 def test_action_model_generates_from_a_first_frame_and_actions(runs, tmp_path):
     from cupola.collections.world.data.environments import PushEnvConfig, push_episodes
     from cupola.toolkit.cli import main

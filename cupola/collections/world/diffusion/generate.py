@@ -29,6 +29,12 @@ class WorldModel:
     def cfg(self) -> WFMConfig:
         return self.model.cfg
 
+    @property
+    def fps(self) -> float | None:
+        """The frame rate the model was trained at (None: trained without one)."""
+        fps = float(self.model.train_fps)
+        return fps if np.isfinite(fps) else None
+
     def _pixels(self, frames_T_H_W_3: np.ndarray) -> torch.Tensor:
         device = next(self.model.parameters()).device
         x = torch.from_numpy(np.ascontiguousarray(frames_T_H_W_3)).to(device).float() / 127.5 - 1
@@ -54,7 +60,8 @@ class WorldModel:
     ) -> np.ndarray:
         """``uint8 [frames, H, W, 3]``. ``first_frames``: ``uint8 [n, H, W, 3]`` given frames (Video2World
         models; the first ``1 + t (cond_frames - 1)`` are used). ``actions``: ``[frames - 1, action_dim]``.
-        ``cameras``: ``(intrinsics [3, 3], cam_to_world [frames, 4, 4])``. ``guidance`` > 1 uses
+        ``cameras``: ``(intrinsics [3, 3], cam_to_world [frames, 4, 4])``. ``fps``: the clip's frame rate
+        for fps-aware models (default: the rate the model was trained at). ``guidance`` > 1 uses
         classifier-free guidance against the empty prompt. Same seed, same video."""
         cfg, tok = self.cfg, self.tokenizer
         t, s = tok.cfg.temporal_compression, tok.cfg.spatial_compression
@@ -68,6 +75,7 @@ class WorldModel:
         scale = float(self.model.latent_scale)
         if not np.isfinite(scale):
             raise ValueError("this model has no measured latent_scale: it was never trained")
+        fps = self.fps if fps is None else fps
         batch: dict[str, object] = {}
         cond_latents = None
         if cfg.cond_frames:
@@ -160,6 +168,7 @@ def load_wfm(
     cfg = from_dict(WFMConfig, config["model"])
     model = DiffusionWFM(cfg)
     weights = merge_lora_weights({k.removeprefix("model."): v for k, v in load_model_weights(ckpt).items()})
+    weights.setdefault("train_fps", model.train_fps)  # checkpoints from before it was recorded
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
     model = model.to(device).eval()
     tok = load_tokenizer(tokenizer or config["tokenizer"], device)

@@ -109,7 +109,8 @@ class DiffusionModule(WorldModelModule):
         return model.dit.blocks
 
     def initial_weights_keep(self) -> tuple[str, ...]:
-        return ("dit.action_embed.",)  # a new action embedding starts at zero (the base model)
+        # a new action embedding starts at zero (the base model); the frame rate is that of the new data
+        return ("dit.action_embed.", "train_fps")
 
     def freeze(self, model: nn.Module) -> None:
         if self.lora is not None:  # adapters (+ norms) in the blocks; new conditioning inputs in full
@@ -177,13 +178,17 @@ class DiffusionModule(WorldModelModule):
         _, t5 = self.helpers()
         context, mask = self.model.encode_text(prompts, t5)
         fps = batch.get("fps")
+        if fps is not None:
+            fps = torch.as_tensor(fps, device=x0.device, dtype=torch.float32)
+            if self.training:
+                self.model.train_fps.copy_(fps.median())
         cond = Conditioning(
             context=context,
             context_mask=mask,
             cond_latents=x0 if cfg.cond_frames else None,
             cond_frames=cfg.cond_frames,
             actions=batch.get("actions") if cfg.dit.action_dim else None,
-            fps=None if fps is None else torch.as_tensor(fps, device=x0.device, dtype=torch.float32),
+            fps=fps,
         )
         if cfg.dit.camera:
             tok, _ = self.helpers()

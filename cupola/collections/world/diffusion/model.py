@@ -78,9 +78,14 @@ class DiffusionWFM(nn.Module):
         # tokenizer latents times this have std sigma_data; measured on the first training batch
         # (as latent diffusion's scale_by_std) and saved with the weights; NaN until then
         self.register_buffer("latent_scale", torch.full((), float("nan")))
+        # the frame rate of the clips it was last trained on (the batches' median; NaN: trained without
+        # fps), saved with the weights: generation defaults to it, so that the time positions of its
+        # fps-aware RoPE are the ones it learned
+        self.register_buffer("train_fps", torch.full((), float("nan")))
 
     def init_weights(self) -> None:
         self.latent_scale.fill_(float("nan"))
+        self.train_fps.fill_(float("nan"))
         self.dit.init_weights()
         if self.text_encoder is not None:
             self.text_encoder.init_weights()
