@@ -230,7 +230,9 @@ def probe(args, device: str) -> dict:
     cfg = PushEnvConfig(size=args.size, frames=args.frames, **args.env)
     tok = None
     if args.probe_latents == "tokenizer":  # the trained tokenizer's latents, rollouts scored in pixels
-        tok = load_tokenizer(Path(args.tokenizer) if args.tokenizer else Path(args.work) / "tokenizer", device)
+        tok = load_tokenizer(
+            Path(args.tokenizer) if args.tokenizer else Path(args.work) / "tokenizer", device
+        )
 
     def latents(episodes) -> torch.Tensor:
         v = torch.from_numpy(np.stack([e.video for e in episodes])).float().div(127.5).sub(1)
@@ -405,7 +407,11 @@ def main() -> None:
         "world_model: train --model only (runs can train side by side); evaluate: score trained runs; "
         "probe: both DiTs on pooled frames instead of a tokenizer's latents (does the model use actions?)",
     )
-    p.add_argument("--model", choices=tuple(WORLD_MODELS), help="the world model --stage world_model trains (--stage probe: only this one)")
+    p.add_argument(
+        "--model",
+        choices=tuple(WORLD_MODELS),
+        help="the world model --stage world_model trains (--stage probe: only this one)",
+    )
     p.add_argument("--tokenizer-spatial", type=int, default=4, help="spatial compression (tiny: 8)")
     p.add_argument("--tokenizer-latent-channels", type=int, default=16)
     p.add_argument("--tokenizer-width", type=int, default=32, help="first encoder/decoder width (tiny: 16)")
@@ -418,7 +424,10 @@ def main() -> None:
     )
     p.add_argument("--wfm-steps", type=int, default=3000)
     p.add_argument(
-        "--wfm-lr", choices=("cosine", "constant"), default="cosine", help="the world models' LR after warm-up"
+        "--wfm-lr",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="the world models' LR after warm-up",
     )
     p.add_argument(
         "--probe-latents",
@@ -446,7 +455,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.stage == "probe":
         record = {"device": name, "torch": torch.__version__, "args": vars(args), **probe(args, device)}
-        tag = ("_tokenizer" if args.probe_latents == "tokenizer" else "") + (f"_{args.model}" if args.model else "")
+        tag = ("_tokenizer" if args.probe_latents == "tokenizer" else "") + (
+            f"_{args.model}" if args.model else ""
+        )
         out = out.with_name(out.stem + f"_probe{tag}.json")
         out.write_text(json.dumps(record, indent=2))
         plot_probe(record, out.with_suffix(".png"))
