@@ -35,7 +35,7 @@ def cluster():
     start = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2"]
     start += ["--include-dashboard=false"]
     try:
-        subprocess.run([*start, f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run([*start, f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=300)
         yield f"127.0.0.1:{port}"
     finally:
         kill_marked_processes("CURATION_TEST_CLUSTER", marker, since)
@@ -43,8 +43,17 @@ def cluster():
 
 
 def _curate(*args: str) -> subprocess.CompletedProcess:
+    """A ``cupola curate`` run. Idle, one takes ~15 s; on a 2-core machine busy with other tests Ray's
+    dozen processes get little of it (a run took 100 s beside two CPU-bound processes, and once over
+    300 s in CI), hence the long limit; a run past it fails with where it had got to."""
     cmd = [sys.executable, "-m", "cupola", "curate", *args, "dedup.enabled=false"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(
+            f"cupola curate {' '.join(args)} ran past {e.timeout} s; its stderr ended:\n{err[-3000:]}"
+        )
 
 
 def test_curate_on_a_running_cluster_matches_a_local_run(cluster, tmp_path):
