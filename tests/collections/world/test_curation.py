@@ -28,6 +28,7 @@ from cupola.collections.world.curation import (
     Shot,
     curate,
     load_config,
+    ray_session,
     write_curation_corpus,
     write_shot_video,
 )
@@ -53,11 +54,8 @@ DEGRADED_REASONS = {
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray for the module; `curate` joins it instead of starting its own."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")

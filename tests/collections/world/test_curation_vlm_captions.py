@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from cupola.collections.world.curation import curate, load_config, write_curation_corpus
 from cupola.recipes.registry import catalog
@@ -55,13 +54,10 @@ def test_vlm_captions_every_kept_clip_as_chat_would(vlm_run, tmp_path):
             "annotate.frames=4",
             "annotate.max_new_tokens=6",
             "dedup.enabled=false",
+            "num_cpus=2",
         ]
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        result = curate(corpus.root, tmp_path / "out", cfg)
-    finally:
-        ray.shutdown()
+    result = curate(corpus.root, tmp_path / "out", cfg)
     rows = [r for r in pq.read_table(result.manifest).to_pylist() if r["kind"] == "clip"]
     kept = [r for r in rows if r["decision"] == "kept"]
     assert len(kept) == 4 and all(r["caption"] for r in kept)

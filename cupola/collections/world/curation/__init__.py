@@ -10,7 +10,7 @@ from cupola.collections.world.curation.corpus import (
     write_curation_corpus,
     write_shot_video,
 )
-from cupola.collections.world.curation.pipeline import CurationResult, curate
+from cupola.collections.world.curation.pipeline import CurationResult, curate, ray_session
 
 __all__ = [
     "Corpus",
@@ -19,6 +19,7 @@ __all__ = [
     "Shot",
     "curate",
     "load_config",
+    "ray_session",
     "write_broken_videos",
     "write_curation_corpus",
     "write_shot_video",

@@ -65,6 +65,7 @@ WORK, VIDEOS, STAGING, SHARDS = "work", "videos", "staging", "shards"
 MANIFEST, SUMMARY, SETTINGS, RESULT = "manifest.parquet", "summary.json", "settings.json", "result.json"
 UNFINISHED = "its Ray task failed without a result (see the Ray logs); re-run to retry it"
 MAX_ATTEMPTS = 2  # tries of a video whose worker dies before it is recorded as failed
+AUTH_MODE = "RAY_AUTH_MODE"  # Ray's token-authentication switch ("token" / "disabled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,22 +104,36 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if ray.is_initialized():
         yield
         return
-    if address:
-        try:
-            _check_reachable(address)
-            ray.init(address=address)
-        except (ConnectionError, RuntimeError, OSError) as e:
-            raise ConfigError(
-                f"--ray-address {address}: no Ray cluster could be joined there ({str(e).splitlines()[0]}). "
-                "Give the head node's GCS address (HOST:6379, 'auto' on a cluster node, ray://HOST:10001), "
-                "or leave --ray-address out to run on a local Ray instance"
-            ) from e
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    # a new local instance turns token auth on in this process's environment (seen with Ray 2.60),
+    # and processes started later inherit it: a driver in token mode joining a cluster without auth
+    # stalls with its tasks shown running. The variable is put back as it was.
+    auth_mode = os.environ.get(AUTH_MODE)
     try:
-        yield
+        if address:
+            try:
+                _check_reachable(address)
+                ray.init(address=address)
+            except (ConnectionError, RuntimeError, OSError) as e:
+                raise ConfigError(
+                    f"--ray-address {address}: no Ray cluster could be joined there "
+                    f"({str(e).splitlines()[0]}). Give the head node's GCS address (HOST:6379, 'auto' on a "
+                    "cluster node, ray://HOST:10001), or leave --ray-address out to run on a local Ray instance"
+                ) from e
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        _restore_env(AUTH_MODE, auth_mode)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _fingerprint(path: str) -> dict[str, int] | None:
