@@ -177,7 +177,7 @@ def train_world_model(args, root: Path, tokenizer: Path, name: str) -> None:
 
 def evaluate(
     args, root: Path, device: str
-) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[np.ndarray]]]:
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, list[np.ndarray]], dict[str, list[float]]]:
     """Per predictor on held-out episodes: the mean over episodes of the PSNR of frames 1..T-1, and per
     frame the PSNR of the episodes' mean squared error (finite where copying is exact in some episodes,
     as when an object starts at rest); and the first episodes' videos to show."""
@@ -218,7 +218,24 @@ def evaluate(
             shown.setdefault("truth", []).append(truth)
         print(f"[eval] {i + 1}/{len(episodes)}", file=sys.stderr, flush=True)
     curves = {k: (10 * np.log10(255**2 / np.mean(v, axis=0))).tolist() for k, v in per_frame_mse.items()}
-    return {k: float(np.mean(v)) for k, v in scores.items()}, curves, shown
+    return {k: float(np.mean(v)) for k, v in scores.items()}, curves, shown, scores
+
+
+def gains(per_episode: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """The action model's paired gain (dB) over each baseline on the same episodes: the mean, a 95%
+    bootstrap interval over episodes, and the share of episodes it wins."""
+    from scipy.stats import bootstrap
+
+    out = {}
+    for base in ("copy_last_frame", "no_actions", "shuffled_actions"):
+        diff = np.asarray(per_episode["actions"]) - np.asarray(per_episode[base])
+        ci = bootstrap((diff,), np.mean, confidence_level=0.95, random_state=0).confidence_interval
+        out[base] = {
+            "mean_db": float(diff.mean()),
+            "ci95_db": [float(ci.low), float(ci.high)],
+            "episodes_won": float((diff > 0).mean()),
+        }
+    return out
 
 
 def probe(args, device: str) -> dict:
@@ -400,8 +417,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=4096)
     p.add_argument("--eval-episodes", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="the world models' batch")
-    p.add_argument("--tokenizer-batch", type=int, default=32)
-    p.add_argument("--tokenizer-steps", type=int, default=2000)
+    p.add_argument("--tokenizer-batch", type=int, default=16)
+    p.add_argument("--tokenizer-steps", type=int, default=8000)
     p.add_argument("--tokenizer", help="a trained tokenizer run to use instead of training one")
     p.add_argument(
         "--stage",
@@ -503,7 +520,7 @@ def main() -> None:
         for model in WORLD_MODELS:
             train_world_model(args, root, tokenizer, model)
     t0 = time.perf_counter()
-    scores, curves, shown = evaluate(args, root, device)
+    scores, curves, shown, per_episode = evaluate(args, root, device)
     times = {f"{run}_train_s": _train_seconds(root / run) for run in WORLD_MODELS}
     trained = {run: _trained_steps(root / run) for run in WORLD_MODELS} | {
         "tokenizer": _trained_steps(tokenizer)
@@ -513,6 +530,13 @@ def main() -> None:
     print(f"| {'predictor':<22} | PSNR (dB) |\n|{'-' * 24}|-----------|")
     for k, v in sorted(scores.items(), key=lambda kv: -kv[1]):
         print(f"| {k:<22} | {v:9.2f} |")
+    paired = gains(per_episode)
+    for base, g in paired.items():
+        low, high = g["ci95_db"]
+        print(
+            f"actions - {base}: {g['mean_db']:+.2f} dB (95% CI {low:+.2f} to {high:+.2f}), "
+            f"wins {g['episodes_won']:.0%} of episodes"
+        )
     record = {
         "device": name,
         "torch": torch.__version__,
@@ -524,6 +548,8 @@ def main() -> None:
         "psnr_per_frame_db": curves,
         "gain_over_copy_db": scores["actions"] - scores["copy_last_frame"],
         "gain_over_no_actions_db": scores["actions"] - scores["no_actions"],
+        "paired_gain": paired,  # per baseline: mean, 95% bootstrap CI over episodes, share won
+        "psnr_db_per_episode": per_episode,
         "seconds": times,
         "steps_trained": trained,  # of the checkpoints scored (a run cut off by a time limit: fewer)
     }
