@@ -445,7 +445,7 @@ def main() -> None:
         + " ".join(EXPERIMENT_ENV)
         + ": bigger objects pushed harder than the defaults, so that 32 px frames show the pushes)",
     )
-    p.add_argument("--wfm-steps", type=int, default=3000)
+    p.add_argument("--wfm-steps", type=int, default=4500)
     p.add_argument(
         "--wfm-lr",
         choices=("cosine", "constant"),
