@@ -21,6 +21,7 @@ import pytest
 from cupola.collections.world.curation import ray_session, write_curation_corpus
 from cupola.toolkit.testing import free_port, kill_marked_processes
 
+AUTH_MODE = "disabled"  # the test cluster's RAY_AUTH_MODE, and so its drivers'
 PORT_FLAGS = (
     "node-manager-port",
     "object-manager-port",
@@ -50,7 +51,7 @@ def cluster():
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": AUTH_MODE,
         "CURATION_TEST_CLUSTER": marker,
     }
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -84,18 +85,17 @@ def _diagnosis(cluster: Cluster) -> str:
             bad = [ln for ln in _read(f).splitlines() if re.search(ERRORS, ln) and not ln.endswith(": 0")]
             lines += [f"{f.name}: {ln[:300]}" for ln in bad[-5:]]
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    for proc in psutil.process_iter():
-        command = " ".join(_cmdline(proc))
-        if py_spy and command.startswith("ray::") and _marked(proc, cluster.marker):
+    others = []
+    for proc in psutil.process_iter(["name", "cmdline", "environ"], ad_value=None):
+        command = " ".join(proc.info["cmdline"] or [])
+        ours = (proc.info["environ"] or {}).get("CURATION_TEST_CLUSTER") == cluster.marker
+        if py_spy and ours and command.startswith("ray::"):
             dump = subprocess.run([py_spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True)
             lines.append(
-                f"py-spy dump of {command[:80]} (pid {proc.pid}):\n{(dump.stdout + dump.stderr)[-2000:]}"
+                f"py-spy dump of {command[:80].strip()} (pid {proc.pid}):\n{(dump.stdout + dump.stderr)[-2000:]}"
             )
-    others = [
-        f"pid {p.pid} ({' '.join(p.cmdline()[:3])[:120]})"
-        for p in psutil.process_iter()
-        if _name(p) in ("raylet", "gcs_server") and str(logs.parent.parent) not in " ".join(_cmdline(p))
-    ]
+        elif proc.info["name"] in ("raylet", "gcs_server") and str(logs.parent.parent) not in command:
+            others.append(f"pid {proc.pid} ({command[:120]})")
     lines.append(f"other Ray instances' processes on this machine: {others or 'none'}")
     return "\n".join(lines)
 
@@ -107,33 +107,12 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _marked(p: psutil.Process, marker: str) -> bool:
-    try:
-        return p.environ().get("CURATION_TEST_CLUSTER") == marker
-    except psutil.Error:
-        return False
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name()
-    except psutil.Error:
-        return ""
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
 def _curate(*args: str, cluster: Cluster | None = None) -> subprocess.CompletedProcess:
     """A ``cupola curate`` run. Idle, one takes ~15 s; on a 2-core machine busy with other tests ~80 s,
     and 130 s beside four CPU-bound processes. A run past the limit has stalled: it fails with where
     it had got to and what the cluster's logs say."""
     cmd = [sys.executable, "-m", "cupola", "curate", *args, "dedup.enabled=false"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # as the cluster's: a token-mode driver stalls on it
+    env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE}  # as the cluster's: a token-mode driver stalls on it
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired as e:
